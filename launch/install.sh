@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Install rlhf and what it needs on this machine, without ever replacing torch.
+#
+#   bash launch/install.sh            the package (CPU: torch 2.13.0 CPU wheel first)
+#   bash launch/install.sh --test     plus test tools and the peers used as numerical oracles
+#
+# On a GPU machine keep the image's CUDA torch: the constraint below pins whatever torch is
+# installed, so no dependency can pull a second one.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+with_tests=0
+for arg in "$@"; do
+  case "$arg" in
+    --test) with_tests=1 ;;
+    *) echo "install.sh: unknown option $arg (allowed: --test)" >&2; exit 2 ;;
+  esac
+done
+
+pip_quiet() { python -m pip install --quiet --disable-pip-version-check "$@"; }
+
+if ! python -c "import torch" 2>/dev/null; then
+  pip_quiet "torch==2.13.0"
+fi
+constraints="$(mktemp)"
+trap 'rm -f "$constraints"' EXIT
+python -c "import torch; print('torch==' + torch.__version__)" > "$constraints"
+
+if [ "$with_tests" = 1 ]; then
+  pip_quiet -c "$constraints" -e ".[test]"
+else
+  pip_quiet -c "$constraints" -e .
+fi
+python -c "import rlhf, torch, deepspeed, transformers; print('rlhf ready: torch', torch.__version__, '| deepspeed', deepspeed.__version__, '| transformers', transformers.__version__)"

@@ -1,0 +1,332 @@
+"""Typed configuration, parsed by tyro, with OpenRLHF's flag names.
+
+Each trainer's config is a dataclass made of sections (model, data, train, checkpoint, logging).
+On the command line the sections disappear: every option is a flat, underscored flag named as
+in OpenRLHF (``--pretrain``, ``--max_len``, ``--zero_stage`` ...), so a user's script ports by
+changing only its launcher line. ``--config FILE.yaml`` loads a preset first (a flat mapping of
+the same names); flags given after it override the preset.
+
+``validate()`` checks every section and the combinations between them and raises ``UserError``
+naming the flag and the allowed values; ``parse_config`` calls it, so a bad combination stops
+the job at start-up, before any process group or model exists.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Literal, Optional, Sequence, TypeVar
+
+import tyro
+import tyro._errors as tyro_errors
+import yaml
+
+from rlhf.errors import UserError
+
+C = TypeVar("C")
+
+
+@dataclass
+class ModelConfig:
+    """The model to train and how it is built."""
+
+    pretrain: str = "embedded:tiny-qwen2"
+    """HF model folder, hub id, s3:// URI, or 'embedded:NAME' for a model shipped in rlhf/assets."""
+    bf16: bool = False
+    """Train in bfloat16 (DeepSpeed bf16 mode, fp32 master weights). fp32 otherwise."""
+    flash_attn: bool = False
+    """Use flash_attention_2 (GPU with the flash-attn package only); sdpa otherwise."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass to save memory."""
+    lora_rank: int = 0
+    """LoRA rank; 0 trains all weights."""
+    lora_alpha: int = 16
+    """LoRA scaling numerator (scale = lora_alpha / lora_rank)."""
+    lora_dropout: float = 0.0
+    """Dropout on the LoRA branch."""
+    target_modules: tuple[str, ...] = ("all-linear",)
+    """Modules that get LoRA adapters ('all-linear' or names such as q_proj v_proj)."""
+    load_in_4bit: bool = False
+    """QLoRA: load the frozen base in 4-bit NF4 with bitsandbytes (needs --lora_rank > 0)."""
+    aux_loss_coef: float = 0.0
+    """Weight of the MoE router load-balancing loss (Mixtral-style models); 0 disables it."""
+    trust_remote_code: bool = False
+    """Allow model code from the model folder or hub repo."""
+
+    def validate(self) -> None:
+        if self.lora_rank < 0:
+            raise UserError(f"--lora_rank must be >= 0, got {self.lora_rank}")
+        if self.load_in_4bit and self.lora_rank == 0:
+            raise UserError("--load_in_4bit (QLoRA) needs --lora_rank > 0: a 4-bit base cannot be trained directly")
+        if self.aux_loss_coef < 0:
+            raise UserError(f"--aux_loss_coef must be >= 0, got {self.aux_loss_coef}")
+
+
+@dataclass
+class DataConfig:
+    """Where the data comes from and how rows become token sequences."""
+
+    dataset: str = "embedded:arith/sft_train.jsonl"
+    """Comma-separated sources: local json/jsonl/parquet/arrow file or folder, HF dataset name, s3:// URI, embedded:PATH."""
+    dataset_probs: Optional[str] = None
+    """Comma-separated mixing weights for the --dataset sources (default: equal)."""
+    eval_dataset: Optional[str] = None
+    """Evaluation source(s), same forms as --dataset. Default: hold out --eval_holdout_ratio of --dataset."""
+    eval_holdout_ratio: float = 0.05
+    """Fraction of the training rows held out for eval when --eval_dataset is not given (0 disables eval)."""
+    train_split: str = "train"
+    """Split to read from HF datasets / dataset folders."""
+    eval_split: str = "test"
+    """Split to read from --eval_dataset when it is an HF dataset with splits."""
+    max_samples: int = 100_000_000
+    """Use at most this many training rows (after mixing)."""
+    input_key: str = "input"
+    """Row field holding the prompt (or the chat messages list with --apply_chat_template)."""
+    output_key: Optional[str] = "output"
+    """Row field holding the response; None when --input_key holds a whole chat."""
+    input_template: Optional[str] = None
+    """Python format string applied to the prompt, e.g. 'User: {}\\nAssistant: '."""
+    apply_chat_template: bool = False
+    """Render prompt/response or messages with the tokenizer's chat template."""
+    tokenizer_chat_template: Optional[str] = None
+    """Override the tokenizer's chat template (Jinja text)."""
+    max_len: int = 2048
+    """Maximum tokens per sample; longer samples are truncated (or rejected, see --truncate)."""
+    truncate: bool = True
+    """Truncate samples longer than --max_len; --no-truncate makes a too-long prompt an error."""
+    packing_samples: bool = False
+    """Pack several samples per row; attention stays within each sample."""
+    pretrain_mode: bool = False
+    """Continued pre-training: raw text from --input_key, loss on every token."""
+    preprocess_fn: Optional[str] = None
+    """'module:function' mapping a raw row (dict) to a row with the configured keys."""
+    score_key: Optional[str] = None
+    """Conditional SFT: row field with a quality score that is written into the prompt."""
+    score_template: str = "<rm_score>: {score:.1f}"
+    """Conditional SFT: how the score is written (a system message with the chat template, else a prompt prefix line)."""
+    def validate(self) -> None:
+        if not 0.0 <= self.eval_holdout_ratio < 1.0:
+            raise UserError(f"--eval_holdout_ratio must be in [0, 1), got {self.eval_holdout_ratio}")
+        if self.max_len < 2:
+            raise UserError(f"--max_len must be >= 2, got {self.max_len}")
+        if self.max_samples < 1:
+            raise UserError(f"--max_samples must be >= 1, got {self.max_samples}")
+        if self.pretrain_mode and self.score_key:
+            raise UserError("--pretrain_mode and --score_key cannot be combined: pre-training text has no prompt to condition")
+        if self.preprocess_fn is not None and ":" not in self.preprocess_fn:
+            raise UserError(f"--preprocess_fn must look like 'module:function', got {self.preprocess_fn!r}")
+        if self.dataset_probs is not None:
+            n_sources = len(self.dataset.split(","))
+            probs = self.dataset_probs.split(",")
+            if len(probs) != n_sources:
+                raise UserError(f"--dataset_probs has {len(probs)} values for {n_sources} --dataset sources")
+            try:
+                values = [float(p) for p in probs]
+            except ValueError:
+                raise UserError(f"--dataset_probs must be comma-separated numbers, got {self.dataset_probs!r}") from None
+            if any(v < 0 for v in values) or sum(values) <= 0:
+                raise UserError(f"--dataset_probs must be >= 0 with a positive sum, got {self.dataset_probs!r}")
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation and DeepSpeed settings."""
+
+    micro_train_batch_size: int = 8
+    """Samples per rank per forward/backward."""
+    train_batch_size: int = 32
+    """Samples per optimizer step over all data-parallel ranks (gradient accumulation fills the gap)."""
+    max_epochs: int = 1
+    """Passes over the training data."""
+    max_steps: Optional[int] = None
+    """Stop after this many optimizer steps (default: max_epochs worth)."""
+    learning_rate: float = 5e-6
+    """Peak learning rate."""
+    lr_warmup_ratio: float = 0.03
+    """Fraction of the optimizer steps spent in linear warm-up."""
+    lr_scheduler: Literal["cosine_with_min_lr", "constant_with_warmup", "linear"] = "cosine_with_min_lr"
+    """Schedule after warm-up (cosine decays to 0.1 x the peak)."""
+    adam_betas: tuple[float, float] = (0.9, 0.95)
+    """Adam betas."""
+    l2: float = 0.0
+    """Weight decay."""
+    max_norm: float = 1.0
+    """Gradient clipping norm (0 disables clipping)."""
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    """DeepSpeed ZeRO stage."""
+    adam_offload: bool = False
+    """Keep Adam states on the CPU (DeepSpeed CPU-Adam)."""
+    ds_config: Optional[str] = None
+    """JSON object (or path to a JSON file) merged over the generated DeepSpeed config, for expert settings."""
+    seed: int = 42
+    """Seed for model init, data order, hold-out split, mixing, dropout and sampling."""
+    eval_steps: int = -1
+    """Evaluate every N optimizer steps (-1: at the end of each epoch only)."""
+    micro_eval_batch_size: Optional[int] = None
+    """Samples per rank per eval forward (default: micro_train_batch_size)."""
+
+    def validate(self) -> None:
+        if self.micro_train_batch_size < 1:
+            raise UserError(f"--micro_train_batch_size must be >= 1, got {self.micro_train_batch_size}")
+        if self.train_batch_size < 1:
+            raise UserError(f"--train_batch_size must be >= 1, got {self.train_batch_size}")
+        if self.learning_rate <= 0:
+            raise UserError(f"--learning_rate must be > 0, got {self.learning_rate}")
+        if not 0.0 <= self.lr_warmup_ratio <= 1.0:
+            raise UserError(f"--lr_warmup_ratio must be in [0, 1], got {self.lr_warmup_ratio}")
+        if self.max_epochs < 1:
+            raise UserError(f"--max_epochs must be >= 1, got {self.max_epochs}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise UserError(f"--max_steps must be >= 1, got {self.max_steps}")
+
+    def grad_accumulation_steps(self, dp_size: int) -> int:
+        """Micro-batches per rank per optimizer step; raises if the batch sizes do not divide."""
+        per_step = self.micro_train_batch_size * dp_size
+        if self.train_batch_size % per_step != 0:
+            raise UserError(
+                f"--train_batch_size {self.train_batch_size} must be a multiple of "
+                f"--micro_train_batch_size {self.micro_train_batch_size} x data-parallel size {dp_size} = {per_step}"
+            )
+        return self.train_batch_size // per_step
+
+
+@dataclass
+class CheckpointConfig:
+    """Resumable checkpoints and the final export."""
+
+    save_path: str = "./ckpt/model"
+    """Folder for the final HF export (model + tokenizer, or the LoRA adapter)."""
+    ckpt_path: str = "./ckpt/checkpoints"
+    """Folder for resumable training checkpoints."""
+    save_steps: int = -1
+    """Write a resumable checkpoint every N optimizer steps (-1: never)."""
+    max_ckpt_num: int = 3
+    """Keep at most this many resumable checkpoints."""
+    load_checkpoint: bool = False
+    """Resume from the latest checkpoint in --ckpt_path if there is one."""
+    s3_save_path: Optional[str] = None
+    """s3://bucket/prefix to upload the final export to (boto3; endpoint from AWS_ENDPOINT_URL)."""
+
+    def validate(self) -> None:
+        if self.max_ckpt_num < 1:
+            raise UserError(f"--max_ckpt_num must be >= 1, got {self.max_ckpt_num}")
+        if self.s3_save_path is not None and not self.s3_save_path.startswith("s3://"):
+            raise UserError(f"--s3_save_path must start with s3://, got {self.s3_save_path!r}")
+
+
+@dataclass
+class LoggingConfig:
+    """Metrics: jsonl in the output folder, wandb, progress bar."""
+
+    logging_steps: int = 1
+    """Log metrics every N optimizer steps."""
+    use_wandb: bool = False
+    """Log to Weights & Biases (set WANDB_MODE=offline to log without a network)."""
+    wandb_project: str = "rlhf"
+    """wandb project."""
+    wandb_org: Optional[str] = None
+    """wandb entity (team or user)."""
+    wandb_run_name: Optional[str] = None
+    """wandb run name (default: trainer name and time)."""
+    metrics_path: Optional[str] = None
+    """Metrics jsonl file (default: <save_path>/metrics.jsonl)."""
+
+    def validate(self) -> None:
+        if self.logging_steps < 1:
+            raise UserError(f"--logging_steps must be >= 1, got {self.logging_steps}")
+
+
+Flat = tyro.conf.OmitArgPrefixes
+
+
+@dataclass
+class SFTConfig:
+    """Supervised fine-tuning, continued pre-training (--pretrain_mode) and conditional SFT (--score_key)."""
+
+    model: Annotated[ModelConfig, Flat] = field(default_factory=ModelConfig)
+    data: Annotated[DataConfig, Flat] = field(default_factory=DataConfig)
+    train: Annotated[TrainConfig, Flat] = field(default_factory=TrainConfig)
+    ckpt: Annotated[CheckpointConfig, Flat] = field(default_factory=CheckpointConfig)
+    log: Annotated[LoggingConfig, Flat] = field(default_factory=LoggingConfig)
+
+    def validate(self) -> None:
+        for section in (self.model, self.data, self.train, self.ckpt, self.log):
+            section.validate()
+        if self.model.flash_attn and not self.model.bf16:
+            raise UserError("--flash_attn needs --bf16: flash_attention_2 has no fp32 kernels")
+
+
+# ----------------------------------------------------------------------------------------------
+# Parsing
+
+
+def _section_fields(cls: type) -> dict[str, str]:
+    """Flat option name -> section attribute, for a config made of Flat sections."""
+    owners: dict[str, str] = {}
+    for section in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(section.type) or isinstance(section.type, str):
+            section_cls = type(getattr(cls(), section.name))
+            for f in dataclasses.fields(section_cls):
+                owners[f.name] = section.name
+    return owners
+
+
+def load_preset(cls: type[C], path: str) -> C:
+    """Build a config from a YAML preset: a flat mapping of option names to values."""
+    file = Path(path)
+    if not file.is_file():
+        raise UserError(f"--config {path}: file not found")
+    try:
+        values = yaml.safe_load(file.read_text()) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark is not None else ""
+        raise UserError(f"{path}{where}: invalid YAML ({getattr(err, 'problem', err)})") from None
+    if not isinstance(values, dict):
+        raise UserError(f"{path}: a preset must be a mapping of option names to values")
+    config = cls()
+    owners = _section_fields(cls)
+    for key, value in values.items():
+        if key not in owners:
+            raise UserError(f"{path}: unknown option {key!r} (see --help for the options)")
+        section = getattr(config, owners[key])
+        expected = type(getattr(section, key))
+        if isinstance(getattr(section, key), tuple) and isinstance(value, list):
+            value = tuple(value)
+        elif expected is float and isinstance(value, int):
+            value = float(value)
+        setattr(section, key, value)
+    return config
+
+
+def parse_config(cls: type[C], argv: Optional[Sequence[str]] = None, *, prog: Optional[str] = None) -> C:
+    """Parse ``[--config FILE] [flags...]`` into a validated ``cls`` instance."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    default = cls()
+    if "--config" in args:
+        i = args.index("--config")
+        if i + 1 >= len(args):
+            raise UserError("--config needs a YAML file path")
+        default = load_preset(cls, args[i + 1])
+        del args[i : i + 2]
+    with tyro_errors.on_parse_error(_raise_one_line):
+        config = tyro.cli(cls, args=args, default=default, use_underscores=True, prog=prog, description=cls.__doc__)
+    config.validate()
+    return config
+
+
+def _raise_one_line(event: tyro_errors.ParseErrorEvent) -> None:
+    """tyro prints a multi-line box for a bad flag; we want the project's one-line UserError."""
+    if isinstance(event, tyro_errors.UnrecognizedArgs):
+        raise UserError(f"unknown option(s) {' '.join(event.tokens)} (see --help for the options)")
+    if isinstance(event, tyro_errors.InstantiationFailure):
+        flag = f"--{event.argument.field.extern_name}: " if event.argument is not None else ""
+        raise UserError(f"{flag}{event.message}")
+    try:
+        title, contents = tyro_errors._render(event)
+    except KeyError:
+        return  # an event this tyro version added: let tyro report it its own way
+    text = " ".join(" ".join(str(c).split()) for c in contents)
+    raise UserError(f"{title.lower()}: {text}")

@@ -1,0 +1,153 @@
+"""Read the launch environment and start torch.distributed, whoever launched us.
+
+Supported launchers, tried in this order:
+
+- torchrun (and anything that sets its variables): RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR,
+  MASTER_PORT;
+- ``srun`` with one task per rank under SLURM: SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID, the
+  master is the first host of SLURM_JOB_NODELIST, the port derived from SLURM_JOB_ID;
+- NGC multi-node jobs, one process per node: NGC_ARRAY_INDEX (node rank), NGC_ARRAY_SIZE
+  (nodes), NGC_MASTER_ADDR;
+- nothing: a single process (rank 0 of 1) on 127.0.0.1.
+
+The backend is NCCL when CUDA is available, gloo otherwise.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Mapping, Optional
+
+import torch
+import torch.distributed as dist
+
+from rlhf.errors import UserError
+
+
+@dataclass(frozen=True)
+class LaunchEnv:
+    """Where this process sits in the job."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    master_addr: str
+    master_port: int
+    launcher: str  # "torchrun" | "slurm" | "ngc" | "single"
+
+    @property
+    def is_rank0(self) -> bool:
+        return self.rank == 0
+
+
+def _int(env: Mapping[str, str], name: str) -> int:
+    try:
+        return int(env[name])
+    except KeyError:
+        raise UserError(f"launch environment: {name} is not set") from None
+    except ValueError:
+        raise UserError(f"launch environment: {name}={env[name]!r} is not an integer") from None
+
+
+def first_slurm_host(nodelist: str) -> str:
+    """First hostname of a SLURM node list: 'gpu[003-005,9],cpu1' -> 'gpu003'."""
+    first = re.match(r"([^,\[]+)(\[([^\]]+)\])?", nodelist.strip())
+    if not first:
+        raise UserError(f"launch environment: cannot parse SLURM_JOB_NODELIST={nodelist!r}")
+    prefix, _, ranges = first.groups()
+    if not ranges:
+        return prefix
+    start = ranges.split(",")[0].split("-")[0]
+    return prefix + start
+
+
+def read_launch_env(env: Optional[Mapping[str, str]] = None) -> LaunchEnv:
+    """Work out rank, world size and rendezvous address from the environment variables."""
+    env = os.environ if env is None else env
+    if "RANK" in env and "WORLD_SIZE" in env:
+        if "MASTER_ADDR" not in env:
+            raise UserError("launch environment: RANK is set but MASTER_ADDR is missing (start with torchrun or set MASTER_ADDR)")
+        return LaunchEnv(
+            rank=_int(env, "RANK"),
+            world_size=_int(env, "WORLD_SIZE"),
+            local_rank=int(env.get("LOCAL_RANK", "0")),
+            master_addr=env["MASTER_ADDR"],
+            master_port=int(env.get("MASTER_PORT", "29500")),
+            launcher="torchrun",
+        )
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env and "SLURM_JOB_NODELIST" in env:
+        job_id = int(env.get("SLURM_JOB_ID", "0"))
+        return LaunchEnv(
+            rank=_int(env, "SLURM_PROCID"),
+            world_size=_int(env, "SLURM_NTASKS"),
+            local_rank=int(env.get("SLURM_LOCALID", "0")),
+            master_addr=env.get("MASTER_ADDR") or first_slurm_host(env["SLURM_JOB_NODELIST"]),
+            # A port per job so two jobs sharing a node do not collide.
+            master_port=int(env.get("MASTER_PORT") or 20000 + job_id % 20000),
+            launcher="slurm",
+        )
+    if "NGC_ARRAY_INDEX" in env:
+        if "NGC_MASTER_ADDR" not in env:
+            raise UserError("launch environment: NGC_ARRAY_INDEX is set but NGC_MASTER_ADDR is missing")
+        return LaunchEnv(
+            rank=_int(env, "NGC_ARRAY_INDEX"),
+            world_size=_int(env, "NGC_ARRAY_SIZE"),
+            local_rank=0,
+            master_addr=env["NGC_MASTER_ADDR"],
+            master_port=int(env.get("MASTER_PORT", "29500")),
+            launcher="ngc",
+        )
+    return LaunchEnv(rank=0, world_size=1, local_rank=0, master_addr="127.0.0.1", master_port=_free_port(), launcher="single")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def backend_for_device() -> str:
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def init_distributed(timeout_minutes: float = 30.0) -> LaunchEnv:
+    """Start the default process group (idempotent) and DeepSpeed's view of it.
+
+    DeepSpeed's communication layer is initialised on top of our group so engines reuse it.
+    Its shared-memory comm op is disabled first: it is JIT-compiled (about 20 s) on every start
+    and torchrun's gloo/NCCL groups do not need it.
+    """
+    launch = read_launch_env()
+    if launch.world_size < 1 or not 0 <= launch.rank < launch.world_size:
+        raise UserError(f"launch environment: rank {launch.rank} is not inside world size {launch.world_size}")
+    if torch.cuda.is_available():
+        torch.cuda.set_device(launch.local_rank % torch.cuda.device_count())
+    if not dist.is_initialized():
+        # Variables the env:// rendezvous reads, for launchers that do not set them.
+        os.environ.setdefault("MASTER_ADDR", launch.master_addr)
+        os.environ.setdefault("MASTER_PORT", str(launch.master_port))
+        os.environ.setdefault("RANK", str(launch.rank))
+        os.environ.setdefault("WORLD_SIZE", str(launch.world_size))
+        os.environ.setdefault("LOCAL_RANK", str(launch.local_rank))
+        dist.init_process_group(
+            backend=backend_for_device(),
+            rank=launch.rank,
+            world_size=launch.world_size,
+            timeout=timedelta(minutes=timeout_minutes),
+        )
+    import deepspeed
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    deepspeed.init_distributed(dist_backend=backend_for_device(), auto_mpi_discovery=False)
+    return launch
+
+
+def device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")

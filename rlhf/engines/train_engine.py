@@ -1,0 +1,250 @@
+"""The trainable-model engine: the one interface algorithm code sees, DeepSpeed underneath.
+
+Every trainable role (SFT/DPO/KTO policy, reward model, PPO actor and critic) is a
+``TrainEngine``: ``forward``, ``backward(loss)``, ``step()``, ``save``/``load`` and an HF export
+that gathers ZeRO-3 shards. The DeepSpeed config is generated from ``TrainConfig`` (ZeRO stage,
+CPU Adam offload, bf16, clipping, accumulation) and can be amended with ``--ds_config``.
+
+Loss scaling contract. DeepSpeed divides each micro-batch loss by the accumulation steps and
+averages gradients over data-parallel ranks. Trainers that want the exact mean over every
+token of the global batch pass ``loss_sum / global_tokens * grad_scale`` where
+``grad_scale = dp_size * accumulation_steps`` (see ``grad_scale``); the product of the two
+DeepSpeed divisions then cancels and the update does not depend on how the batch was sharded.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any, Optional
+
+import deepspeed
+import torch
+import torch.distributed as dist
+from transformers import get_scheduler
+
+from rlhf.config import TrainConfig
+from rlhf.errors import UserError
+
+
+def build_ds_config(
+    cfg: TrainConfig,
+    *,
+    bf16: bool,
+    dp_size: int,
+    accumulation_steps: int,
+    frozen: bool = False,
+) -> dict[str, Any]:
+    """The DeepSpeed config for one engine, from our flags (then ``--ds_config`` merged over)."""
+    zero: dict[str, Any] = {
+        "stage": cfg.zero_stage,
+        "reduce_bucket_size": 5e7,
+        "stage3_param_persistence_threshold": 1e4,
+        "stage3_max_live_parameters": 1e9,
+        "stage3_prefetch_bucket_size": 5e7,
+    }
+    if cfg.adam_offload and not frozen:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    config: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": cfg.micro_train_batch_size,
+        "gradient_accumulation_steps": accumulation_steps,
+        "train_batch_size": cfg.micro_train_batch_size * accumulation_steps * dp_size,
+        "zero_optimization": zero,
+        "bf16": {"enabled": bf16},
+        "gradient_clipping": cfg.max_norm,
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if bf16:
+        # Accumulate gradients in fp32 so many micro-batches do not lose precision.
+        config["data_types"] = {"grad_accum_dtype": "fp32"}
+    if cfg.ds_config:
+        config = _deep_merge(config, _load_ds_override(cfg.ds_config))
+    return config
+
+
+def _load_ds_override(text_or_path: str) -> dict[str, Any]:
+    source = text_or_path
+    if os.path.isfile(text_or_path):
+        with open(text_or_path) as f:
+            source = f.read()
+    try:
+        value = json.loads(source)
+    except json.JSONDecodeError as err:
+        raise UserError(f"--ds_config: not a JSON object or a JSON file ({err.msg} at char {err.pos})") from None
+    if not isinstance(value, dict):
+        raise UserError("--ds_config: must be a JSON object")
+    return value
+
+
+def _deep_merge(base: dict, override: dict) -> dict:
+    out = dict(base)
+    for key, value in override.items():
+        out[key] = _deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def _optimizer_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Decay matrices only: biases and norm weights (1-D) are not decayed."""
+    decay, no_decay = [], []
+    for _, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        (no_decay if param.ndim < 2 else decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    groups = _optimizer_groups(model, cfg.l2)
+    if cfg.adam_offload:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(groups, lr=cfg.learning_rate, betas=cfg.adam_betas, adamw_mode=True)
+    if torch.cuda.is_available():
+        from deepspeed.ops.adam import FusedAdam
+
+        return FusedAdam(groups, lr=cfg.learning_rate, betas=cfg.adam_betas, adam_w_mode=True)
+    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=cfg.adam_betas)
+
+
+class _DataParallelOnly:
+    """A DeepSpeed ``mpu`` for an engine that lives on a process subgroup.
+
+    DeepSpeed has no config key for its data-parallel group; it takes it from ``mpu``. The
+    model-parallel group must be a one-rank group: a ``None`` group makes gradient clipping
+    all-reduce the norm over the whole world.
+    """
+
+    def __init__(self, dp_group: dist.ProcessGroup, self_group: dist.ProcessGroup):
+        self._dp, self._mp = dp_group, self_group
+
+    def get_data_parallel_group(self):
+        return self._dp
+
+    def get_data_parallel_world_size(self):
+        return dist.get_world_size(self._dp)
+
+    def get_data_parallel_rank(self):
+        return dist.get_rank(self._dp)
+
+    def get_model_parallel_group(self):
+        return self._mp
+
+    def get_model_parallel_world_size(self):
+        return 1
+
+    def get_model_parallel_rank(self):
+        return 0
+
+
+class TrainEngine:
+    """A model being trained: forward, backward, step, checkpoint, export."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        cfg: TrainConfig,
+        *,
+        bf16: bool,
+        total_steps: int,
+        dp_size: int,
+        mpu: Optional[_DataParallelOnly] = None,
+    ):
+        self.cfg = cfg
+        self.dp_size = dp_size
+        self.accumulation_steps = cfg.grad_accumulation_steps(dp_size)
+        self.ds_config = build_ds_config(cfg, bf16=bf16, dp_size=dp_size, accumulation_steps=self.accumulation_steps)
+        optimizer = _make_optimizer(model, cfg)
+        scheduler = get_scheduler(
+            cfg.lr_scheduler,
+            optimizer,
+            num_warmup_steps=math.ceil(total_steps * cfg.lr_warmup_ratio),
+            num_training_steps=total_steps,
+            scheduler_specific_kwargs={"min_lr_rate": 0.1} if cfg.lr_scheduler == "cosine_with_min_lr" else None,
+        )
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model,
+            optimizer=optimizer,
+            lr_scheduler=scheduler,
+            config=self.ds_config,
+            mpu=mpu,
+            dist_init_required=False,
+        )
+
+    # ---- training ---------------------------------------------------------------------------
+
+    @property
+    def module(self) -> torch.nn.Module:
+        """The wrapped model (a PeftModel with LoRA), without the DeepSpeed engine."""
+        return self.engine.module
+
+    @property
+    def grad_scale(self) -> int:
+        """Factor that undoes DeepSpeed's mean over accumulation steps and data-parallel ranks."""
+        return self.dp_size * self.accumulation_steps
+
+    def __call__(self, *args, **kwargs):
+        return self.engine(*args, **kwargs)
+
+    def train(self) -> None:
+        self.engine.train()
+
+    def eval(self) -> None:
+        self.engine.eval()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss)
+
+    def step(self) -> None:
+        """Optimizer + scheduler step at the accumulation boundary; a no-op in between."""
+        self.engine.step()
+
+    @property
+    def global_step(self) -> int:
+        return self.engine.global_steps
+
+    @property
+    def lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+    @property
+    def grad_norm(self) -> float:
+        norm = self.engine.get_global_grad_norm()
+        return float(norm) if norm is not None else float("nan")
+
+    # ---- checkpoints ------------------------------------------------------------------------
+
+    def save(self, folder: str) -> None:
+        """Engine, optimizer and LR schedule into ``folder`` (collective over the engine's ranks)."""
+        self.engine.save_checkpoint(folder, tag="engine", save_latest=False)
+
+    def load(self, folder: str) -> None:
+        path, _ = self.engine.load_checkpoint(folder, tag="engine", load_optimizer_states=True, load_lr_scheduler_states=True)
+        if path is None:
+            raise UserError(f"checkpoint {folder}: no engine state found")
+
+    # ---- export -----------------------------------------------------------------------------
+
+    def gathered_state_dict(self, keep: bool = True) -> dict[str, torch.Tensor]:
+        """Full parameters and buffers on CPU (ZeRO-3 shards gathered one at a time).
+
+        Collective over the engine's ranks; only ranks with ``keep`` hold the copy, so an
+        export does not put a whole model in every rank's memory.
+        """
+        state: dict[str, torch.Tensor] = {}
+        for name, param in self.module.named_parameters():
+            if hasattr(param, "ds_id"):  # a ZeRO-3 partitioned parameter
+                with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
+                    if keep:
+                        state[name] = param.detach().cpu().clone()
+            elif keep:
+                state[name] = param.detach().cpu().clone()
+        if keep:
+            for module_name, module in self.module.named_modules():
+                for buf_name, buf in module.named_buffers(recurse=False):
+                    # Non-persistent buffers (rotary tables) are rebuilt on load, not saved.
+                    if buf is not None and buf_name not in module._non_persistent_buffers_set:
+                        state[f"{module_name}.{buf_name}" if module_name else buf_name] = buf.detach().cpu().clone()
+        return state

@@ -1,0 +1,45 @@
+"""One error type for bad user input, and the entry-point guard that prints it as one line.
+
+Anything the user can fix (a flag, a file, a row, a field) raises ``UserError`` with a message
+that names what is wrong and where: ``data.jsonl:17: field 'output' is missing``. Entry points
+run under ``exit_on_user_error`` so such a message becomes one line on stderr and exit code 2,
+with no traceback; every other exception is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from typing import Callable, TypeVar
+
+T = TypeVar("T")
+
+USER_ERROR_EXIT_CODE = 2
+
+
+class UserError(Exception):
+    """Bad input the user can fix; the message is the whole explanation (one line)."""
+
+
+def exit_on_user_error(main: Callable[..., T]) -> Callable[..., T]:
+    """Wrap an entry point: a ``UserError`` prints ``error: <message>`` once and exits 2.
+
+    Under torchrun every rank usually hits the same error; only local rank 0 prints it so the
+    user sees one line per node, and all ranks exit non-zero so the launcher stops the job.
+    """
+
+    @functools.wraps(main)
+    def guarded(*args, **kwargs):
+        try:
+            return main(*args, **kwargs)
+        except UserError as err:
+            if os.environ.get("LOCAL_RANK", "0") == "0":
+                print(f"error: {err}", file=sys.stderr, flush=True)
+            # os._exit skips atexit hooks of torch.distributed / DeepSpeed that can hang
+            # waiting for peers that already died.
+            sys.stderr.flush()
+            sys.stdout.flush()
+            os._exit(USER_ERROR_EXIT_CODE)
+
+    return guarded

@@ -1,0 +1,157 @@
+"""Load Hugging Face causal LMs and tokenizers the same way for every trainer and role.
+
+One path for every source: an HF folder, a hub id, an ``s3://`` URI (downloaded first) or
+``embedded:NAME`` (a folder shipped in rlhf/assets). On top of the plain model: attention
+implementation, dtype, QLoRA (4-bit base), LoRA adapters, gradient checkpointing and the MoE
+router loss switch.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from typing import Any, Optional
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from rlhf.config import ModelConfig
+from rlhf.errors import UserError
+
+
+def resolve_model_path(pretrain: str) -> str:
+    """embedded:/s3:// -> local folder; a local-looking path must exist; else a hub id."""
+    from rlhf.data.sources import resolve_uri
+
+    path = resolve_uri(pretrain)
+    if os.path.isdir(path):
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise UserError(f"--pretrain {pretrain}: folder has no config.json, so it is not a Hugging Face model folder")
+        return path
+    if os.path.exists(path):
+        raise UserError(f"--pretrain {pretrain}: is a file; expected a Hugging Face model folder or hub id")
+    # A hub id is 'name' or 'org/name'; anything path-like that does not exist is a typo.
+    if path.startswith(("/", "./", "../", "~")) or path.count("/") > 1:
+        raise UserError(f"--pretrain {pretrain}: no such model folder")
+    return path  # a hub id; loading reports if it cannot be fetched
+
+
+def attention_implementation(cfg: ModelConfig) -> str:
+    if cfg.flash_attn:
+        if not torch.cuda.is_available():
+            raise UserError("--flash_attn needs a CUDA GPU; drop the flag to use sdpa attention on this machine")
+        if importlib.util.find_spec("flash_attn") is None:
+            raise UserError("--flash_attn needs the flash-attn package (pip install 'rlhf[flash-attn]'); drop the flag to use sdpa")
+        return "flash_attention_2"
+    return "sdpa"
+
+
+def model_dtype(cfg: ModelConfig) -> torch.dtype:
+    return torch.bfloat16 if cfg.bf16 else torch.float32
+
+
+def load_tokenizer(cfg: ModelConfig, padding_side: str = "right") -> PreTrainedTokenizerBase:
+    path = resolve_model_path(cfg.pretrain)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise UserError(f"--pretrain {cfg.pretrain}: cannot load the tokenizer ({_one_line(err)})") from None
+    tokenizer.padding_side = padding_side
+    if tokenizer.pad_token is None:
+        # Many base models ship no pad token; padding is always masked, so eos is a safe filler.
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_causal_lm(cfg: ModelConfig, *, zero3_config: Optional[dict] = None) -> PreTrainedModel:
+    """The model to train (or to freeze): HF weights, then 4-bit, LoRA, checkpointing as asked.
+
+    ``zero3_config``: a DeepSpeed ZeRO-3 config; when given, weights are partitioned while
+    loading (transformers' HfDeepSpeedConfig hook), so a model larger than one rank's memory
+    loads at all.
+    """
+    path = resolve_model_path(cfg.pretrain)
+    kwargs: dict[str, Any] = dict(
+        dtype=model_dtype(cfg),
+        attn_implementation=attention_implementation(cfg),
+        trust_remote_code=cfg.trust_remote_code,
+    )
+    if cfg.load_in_4bit:
+        kwargs["quantization_config"] = _bnb_4bit_config(model_dtype(cfg))
+    if cfg.aux_loss_coef > 0:
+        kwargs["output_router_logits"] = True
+    keep_alive = None
+    if zero3_config is not None and not cfg.load_in_4bit:
+        from transformers.integrations import HfDeepSpeedConfig
+
+        keep_alive = HfDeepSpeedConfig(zero3_config)  # noqa: F841  (must live during from_pretrained)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except (OSError, ValueError) as err:
+        raise UserError(f"--pretrain {cfg.pretrain}: cannot load the model ({_one_line(err)})") from None
+    del keep_alive
+    model.config.use_cache = False  # training never reuses a KV cache; generation turns it on
+
+    if cfg.load_in_4bit:
+        _prepare_4bit_for_training(model, cfg)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.lora_rank > 0:
+        model = _add_lora(model, cfg)
+    return model
+
+
+def _bnb_4bit_config(compute_dtype: torch.dtype):
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise UserError("--load_in_4bit needs bitsandbytes (pip install 'rlhf[qlora]')")
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute_dtype,
+    )
+
+
+def _prepare_4bit_for_training(model: PreTrainedModel, cfg: ModelConfig) -> None:
+    import bitsandbytes as bnb
+    from peft import prepare_model_for_kbit_training
+
+    # On CPUs with avx512_bf16 an eval-mode forward repacks Linear4bit weights in place, after
+    # which training silently loses gradients; keep the portable kernel path.
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+    prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
+
+
+def _add_lora(model: PreTrainedModel, cfg: ModelConfig):
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    targets: Any = list(cfg.target_modules)
+    if targets == ["all-linear"]:
+        targets = "all-linear"
+    lora = LoraConfig(
+        task_type=TaskType.CAUSAL_LM,
+        r=cfg.lora_rank,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=targets,
+    )
+    try:
+        model = get_peft_model(model, lora)
+    except ValueError as err:
+        raise UserError(f"--target_modules {' '.join(cfg.target_modules)}: {_one_line(err)}") from None
+    if cfg.gradient_checkpointing:
+        # With a frozen embedding no input requires grad and checkpointed blocks get no gradient.
+        model.enable_input_require_grads()
+    return model
+
+
+def model_config(cfg: ModelConfig):
+    return AutoConfig.from_pretrained(resolve_model_path(cfg.pretrain), trust_remote_code=cfg.trust_remote_code)
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split())[:400]
