@@ -129,12 +129,13 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         started = time.perf_counter()
         step_batches = step_micro_batches(plan, step_in_epoch, dp, accumulation)  # [rank][k] -> indices
         global_tokens = sum(target_tokens([train_samples[i] for i in mb]) for r in step_batches for mb in r)
-        nll_local = 0.0
+        nll_local, aux_local = 0.0, 0.0
         for indices in step_batches[rank]:
             nll, aux = forward_nll(engine, batch_tensors([train_samples[i] for i in indices], pad_id, cfg.data.packing_samples))
             loss = nll / global_tokens * engine.grad_scale  # DeepSpeed divides by dp x accumulation
             if aux is not None and cfg.model.aux_loss_coef > 0:
-                loss = loss + cfg.model.aux_loss_coef * aux
+                loss = loss + cfg.model.aux_loss_coef * aux  # a mean-type term: DeepSpeed averages it
+                aux_local += aux.item() / accumulation
             engine.backward(loss)
             engine.step()
             nll_local += nll.item()
@@ -143,6 +144,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         elapsed = time.perf_counter() - started
         step_tokens = sum(len(train_samples[i].input_ids) for r in step_batches for mb in r for i in mb)
         record = {"loss": nll_total.item() / global_tokens, "lr": engine.lr, "grad_norm": engine.grad_norm, "epoch": epoch, "tokens_per_s": step_tokens / elapsed}
+        if cfg.model.aux_loss_coef > 0:
+            aux_mean = torch.tensor(aux_local, dtype=torch.float64, device=device())
+            dist.all_reduce(aux_mean)
+            record["aux_loss"] = aux_mean.item() / dp
         done = step + 1
         end_of_epoch = done % per_epoch == 0 or done == total_steps
         if eval_samples and ((cfg.train.eval_steps > 0 and done % cfg.train.eval_steps == 0) or end_of_epoch):

@@ -199,6 +199,11 @@ class TrainEngine:
 
     def step(self) -> None:
         """Optimizer + scheduler step at the accumulation boundary; a no-op in between."""
+        if self.cfg.zero_stage == 0 and self.engine.is_gradient_accumulation_boundary():
+            # DeepSpeed clips ZeRO-0 fp32 gradients but discards the norm; measure it first
+            # (gradients are already averaged over data-parallel ranks at the boundary).
+            norms = [p.grad.detach().float().norm() for p in self.module.parameters() if p.grad is not None]
+            self._zero0_grad_norm = torch.stack(norms).norm().item() if norms else 0.0
         self.engine.step()
 
     @property
@@ -212,6 +217,8 @@ class TrainEngine:
     @property
     def grad_norm(self) -> float:
         norm = self.engine.get_global_grad_norm()
+        if norm is None:
+            norm = getattr(self, "_zero0_grad_norm", None)
         return float(norm) if norm is not None else float("nan")
 
     # ---- checkpoints ------------------------------------------------------------------------
