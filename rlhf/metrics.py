@@ -154,7 +154,8 @@ def _start_wandb(cfg: LoggingConfig, run_config: dict, trainer: str, folder: str
             entity=cfg.wandb_org,
             name=name,
             config=run_config,
-            dir=folder,
+            # The user's WANDB_DIR wins; otherwise the run lives beside the metrics file.
+            dir=os.environ.get("WANDB_DIR") or folder,
         )
     except Exception as err:  # no API key, unreachable server, bad entity ...
         message = " ".join(str(err).split()) or type(err).__name__

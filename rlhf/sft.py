@@ -113,6 +113,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     start_step = 0
     if cfg.ckpt.load_checkpoint and (folder := latest_checkpoint(cfg.ckpt.ckpt_path)) is not None:
         start_step = load_checkpoint(folder, {"actor": engine})["step"]
+        if start_step >= total_steps and launch.is_rank0:
+            print(f"checkpoint {folder} is at step {start_step}, already at the end of training ({total_steps} steps): exporting only", flush=True)
 
     # 5. Train.
     metrics_path = cfg.log.metrics_path or os.path.join(cfg.ckpt.save_path, "metrics.jsonl")

@@ -94,3 +94,48 @@ def test_resume_equals_uninterrupted(zero0_run, tmp_path):
     ref, got = weights(zero0_run), weights(out)
     for key in ref:
         torch.testing.assert_close(got[key], ref[key], atol=1e-6, rtol=0)
+
+
+def test_kill_during_saves_leaves_a_loadable_checkpoint(tmp_path):
+    """SIGKILL a job that checkpoints every step; `latest` must name a complete checkpoint and resume."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from helpers import REPO, trainer_env
+
+    ckpt = tmp_path / "ckpt"
+
+    def job(max_steps: int, save_path) -> list[str]:
+        return [*SHORT, "--zero_stage", "2", "--max_epochs", "100", "--max_steps", str(max_steps), "--save_steps", "1", "--max_ckpt_num", "2", "--eval_steps", "1000", "--save_path", str(save_path), "--ckpt_path", str(ckpt)]
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "rlhf.sft", *job(400, tmp_path / "model")]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=trainer_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 240
+        while not (ckpt / "latest").exists() and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+        time.sleep(1.5)  # several more saves are under way
+    finally:
+        # torchrun puts its workers in their own sessions: kill the whole tree, as a dead node would.
+        import psutil
+
+        tree = [proc.pid] + [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
+        for pid in tree:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        proc.wait()
+        psutil.wait_procs([p for p in map(lambda pid: psutil.Process(pid) if psutil.pid_exists(pid) else None, tree) if p], timeout=30)
+    assert (ckpt / "latest").exists(), "the job never finished a checkpoint"
+    step = json.loads((ckpt / (ckpt / "latest").read_text() / "trainer_state.json").read_text())["step"]
+    assert 1 <= step < 400
+    # Resume for two more steps from whatever the kill left behind.
+    out = tmp_path / "resumed"
+    run_trainer("rlhf.sft", [*job(step + 2, out), "--load_checkpoint"])
+    resumed = read_jsonl(out / "metrics.jsonl")
+    assert resumed[0]["resumed_from_step"] == step
+    assert [r["step"] for r in resumed if "loss" in r] == [step + 1, step + 2]

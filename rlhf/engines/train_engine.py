@@ -93,7 +93,10 @@ def _optimizer_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]
         if not param.requires_grad:
             continue
         (no_decay if param.ndim < 2 else decay).append(param)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    # DeepSpeed drops empty groups (LoRA has no 1-D trainable tensors), which would leave the
+    # LR scheduler with more groups than the optimizer.
+    return [g for g in groups if g["params"]]
 
 
 def _make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
