@@ -147,3 +147,20 @@ def test_sft_preset_learns_addition(tmp_path):
     evals = [r["eval_loss"] for r in read_jsonl(out / "metrics.jsonl") if "eval_loss" in r]
     assert evals[0] > 1.0
     assert evals[-1] < 0.4, f"eval loss curve {evals}"
+
+
+def test_bf16_trains(tmp_path):
+    records = run_sft(tmp_path, "--dataset", "embedded:arith/sft_train.jsonl", "--bf16", "--zero_stage", "2", "--max_steps", "10")
+    assert_loss_falls(records, 0.8)
+    from safetensors.torch import load_file
+
+    assert load_file(str(tmp_path / "model" / "model.safetensors"))["model.embed_tokens.weight"].dtype == torch.bfloat16
+
+
+@pytest.mark.slow
+def test_adam_offload_matches_torch_adamw(tmp_path):
+    """--adam_offload (DeepSpeed CPU-Adam, JIT-built on first use) follows the same curve as torch AdamW."""
+    common = ["--dataset", "embedded:arith/sft_train.jsonl", "--zero_stage", "2", "--max_steps", "4"]
+    plain = run_sft(tmp_path / "plain", *common)
+    offload = run_sft(tmp_path / "offload", *common, "--adam_offload")
+    assert train_losses(offload) == pytest.approx(train_losses(plain), rel=1e-4)
