@@ -31,4 +31,12 @@ if [ "$with_tests" = 1 ]; then
 else
   pip_quiet -c "$constraints" -e .
 fi
+# --- test oracles (tests/oracles.py): peers' pure-python wheels, no deps, outside site-packages ---
+if [ "$with_tests" = 1 ]; then
+  for spec in openrlhf==0.11.2 openrlhf==0.9.5 torchtune==0.6.1; do
+    target=".oracles/${spec/==/-}"  # e.g. .oracles/openrlhf-0.11.2; the dist-info marks a finished install
+    [ -d "$target/${spec/==/-}.dist-info" ] || python -m pip install --quiet --disable-pip-version-check --no-deps --target "$target" "$spec"
+  done
+fi
+# --- end test oracles ---
 python -c "import rlhf, torch, deepspeed, transformers; print('rlhf ready: torch', torch.__version__, '| deepspeed', deepspeed.__version__, '| transformers', transformers.__version__)"

@@ -258,6 +258,109 @@ class SFTConfig:
             raise UserError("--flash_attn needs --bf16: flash_attention_2 has no fp32 kernels")
 
 
+@dataclass
+class PreferenceDataConfig(DataConfig):
+    """Paired (RM, DPO) and unpaired (KTO) preference data on top of the SFT data options."""
+
+    dataset: str = "embedded:arith/prefs_train.jsonl"
+    """Comma-separated sources (same forms as for SFT)."""
+    prompt_key: Optional[str] = "prompt"
+    """Row field with the prompt; None when chosen/rejected hold whole texts or whole chats (HH-RLHF shape)."""
+    chosen_key: str = "chosen"
+    """Row field with the preferred response (text, or a messages list as in UltraFeedback-binarized)."""
+    rejected_key: str = "rejected"
+    """Row field with the dispreferred response."""
+    margin_key: Optional[str] = None
+    """Row field with a per-pair margin for the pairwise reward loss (optional)."""
+    label_key: str = "label"
+    """KTO: row field with the boolean label (true = desirable)."""
+
+
+@dataclass
+class RMConfig:
+    """Reward-model training: a causal-LM backbone with a scalar head, pairwise loss."""
+
+    model: Annotated[ModelConfig, Flat] = field(default_factory=ModelConfig)
+    data: Annotated[PreferenceDataConfig, Flat] = field(default_factory=PreferenceDataConfig)
+    train: Annotated[TrainConfig, Flat] = field(default_factory=TrainConfig)
+    ckpt: Annotated[CheckpointConfig, Flat] = field(default_factory=CheckpointConfig)
+    log: Annotated[LoggingConfig, Flat] = field(default_factory=LoggingConfig)
+    loss: Literal["sigmoid", "logexp"] = "sigmoid"
+    """Pairwise loss: -log sigmoid(r_chosen - r_rejected - margin), or log(1 + exp(r_rejected - r_chosen))."""
+
+    def validate(self) -> None:
+        for section in (self.model, self.data, self.train, self.ckpt, self.log):
+            section.validate()
+        if self.model.flash_attn and not self.model.bf16:
+            raise UserError("--flash_attn needs --bf16: flash_attention_2 has no fp32 kernels")
+        if self.loss == "logexp" and self.data.margin_key:
+            raise UserError("--margin_key works with --loss sigmoid only (logexp has no margin term)")
+        if self.data.packing_samples:
+            raise UserError("--packing_samples is not supported by rlhf.rm: the score is read at each sequence's last token of a padded batch")
+
+
+@dataclass
+class DPOConfig:
+    """Direct preference optimisation: DPO (sigmoid), IPO, cDPO (--label_smoothing)."""
+
+    model: Annotated[ModelConfig, Flat] = field(default_factory=ModelConfig)
+    data: Annotated[PreferenceDataConfig, Flat] = field(default_factory=PreferenceDataConfig)
+    train: Annotated[TrainConfig, Flat] = field(default_factory=TrainConfig)
+    ckpt: Annotated[CheckpointConfig, Flat] = field(default_factory=CheckpointConfig)
+    log: Annotated[LoggingConfig, Flat] = field(default_factory=LoggingConfig)
+    beta: float = 0.1
+    """Strength of the implicit KL to the reference (DPO's beta; IPO's 1/(2 tau))."""
+    loss_type: Literal["sigmoid", "ipo"] = "sigmoid"
+    """sigmoid = DPO (with --label_smoothing > 0: cDPO); ipo = IPO (squared loss)."""
+    label_smoothing: float = 0.0
+    """cDPO: probability that a preference label is flipped (0 <= eps < 0.5)."""
+    nll_loss_coef: float = 0.0
+    """Weight of an SFT (NLL) term on the chosen responses."""
+    ref_pretrain: Optional[str] = None
+    """Reference model (default: --pretrain). With LoRA the reference is the base with the adapter off."""
+    ref_mode: Literal["engine", "precompute"] = "engine"
+    """engine: a frozen reference model on the same ranks; precompute: reference log-probs computed once in a first pass and cached."""
+
+    def validate(self) -> None:
+        for section in (self.model, self.data, self.train, self.ckpt, self.log):
+            section.validate()
+        if self.beta <= 0:
+            raise UserError(f"--beta must be > 0, got {self.beta}")
+        if not 0.0 <= self.label_smoothing < 0.5:
+            raise UserError(f"--label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+        if self.loss_type == "ipo" and self.label_smoothing > 0:
+            raise UserError("--label_smoothing (cDPO) applies to --loss_type sigmoid only")
+        if self.nll_loss_coef < 0:
+            raise UserError(f"--nll_loss_coef must be >= 0, got {self.nll_loss_coef}")
+
+
+@dataclass
+class KTOConfig:
+    """Kahneman-Tversky optimisation on unpaired, labelled completions."""
+
+    model: Annotated[ModelConfig, Flat] = field(default_factory=ModelConfig)
+    data: Annotated[PreferenceDataConfig, Flat] = field(default_factory=lambda: PreferenceDataConfig(dataset="embedded:arith/kto_train.jsonl", input_key="prompt", output_key="completion"))
+    train: Annotated[TrainConfig, Flat] = field(default_factory=TrainConfig)
+    ckpt: Annotated[CheckpointConfig, Flat] = field(default_factory=CheckpointConfig)
+    log: Annotated[LoggingConfig, Flat] = field(default_factory=LoggingConfig)
+    beta: float = 0.1
+    """KTO's beta."""
+    desirable_loss_weight: float = 1.0
+    """Weight of desirable (label true) examples (lambda_D)."""
+    undesirable_loss_weight: float = 1.0
+    """Weight of undesirable (label false) examples (lambda_U)."""
+    ref_pretrain: Optional[str] = None
+    """Reference model (default: --pretrain)."""
+
+    def validate(self) -> None:
+        for section in (self.model, self.data, self.train, self.ckpt, self.log):
+            section.validate()
+        if self.beta <= 0:
+            raise UserError(f"--beta must be > 0, got {self.beta}")
+        if self.desirable_loss_weight <= 0 or self.undesirable_loss_weight <= 0:
+            raise UserError("--desirable_loss_weight and --undesirable_loss_weight must be > 0")
+
+
 # ----------------------------------------------------------------------------------------------
 # Parsing
 

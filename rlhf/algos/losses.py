@@ -39,4 +39,4 @@ def per_sample_nll(logp: torch.Tensor, loss_mask: torch.Tensor, sample_ids: torc
     """
     target = loss_mask[:, 1:].to(logp.dtype)  # [1, T-1]
     owner = sample_ids[:, 1:].clamp(min=0)  # [1, T-1]; padding (-1) has target 0 anyway
-    return torch.zeros(num_samples, dtype=logp.dtype).index_add_(0, owner.reshape(-1), (-logp * target).reshape(-1))
+    return torch.zeros(num_samples, dtype=logp.dtype, device=logp.device).index_add_(0, owner.reshape(-1), (-logp * target).reshape(-1))

@@ -63,6 +63,18 @@ def load_tokenizer(cfg: ModelConfig, padding_side: str = "right") -> PreTrainedT
     return tokenizer
 
 
+def load_reward_model(cfg: ModelConfig, pad_token_id: int) -> PreTrainedModel:
+    """A scalar-head model (reward model or critic): transformers' sequence classifier, 1 label.
+
+    Using ``AutoModelForSequenceClassification`` itself means the saved model loads and scores
+    the same in transformers, TRL or vLLM's reward serving: the score is the head applied to the
+    last non-pad token. A causal-LM checkpoint gets a freshly initialised head.
+    """
+    from transformers import AutoModelForSequenceClassification
+
+    return _load(cfg, AutoModelForSequenceClassification, lora_task="SEQ_CLS", num_labels=1, pad_token_id=pad_token_id)
+
+
 def load_causal_lm(cfg: ModelConfig, *, zero3_config: Optional[dict] = None) -> PreTrainedModel:
     """The model to train (or to freeze): HF weights, then 4-bit, LoRA, checkpointing as asked.
 
@@ -70,8 +82,13 @@ def load_causal_lm(cfg: ModelConfig, *, zero3_config: Optional[dict] = None) -> 
     loading (transformers' HfDeepSpeedConfig hook), so a model larger than one rank's memory
     loads at all.
     """
+    return _load(cfg, AutoModelForCausalLM, lora_task="CAUSAL_LM", zero3_config=zero3_config)
+
+
+def _load(cfg: ModelConfig, auto_class: Any, *, lora_task: str, zero3_config: Optional[dict] = None, **model_kwargs: Any) -> PreTrainedModel:
     path = resolve_model_path(cfg.pretrain)
     kwargs: dict[str, Any] = dict(
+        **model_kwargs,
         dtype=model_dtype(cfg),
         attn_implementation=attention_implementation(cfg),
         trust_remote_code=cfg.trust_remote_code,
@@ -86,7 +103,7 @@ def load_causal_lm(cfg: ModelConfig, *, zero3_config: Optional[dict] = None) -> 
 
         keep_alive = HfDeepSpeedConfig(zero3_config)  # noqa: F841  (must live during from_pretrained)
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        model = auto_class.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as err:
         raise UserError(f"--pretrain {cfg.pretrain}: cannot load the model ({_one_line(err)})") from None
     del keep_alive
@@ -97,7 +114,7 @@ def load_causal_lm(cfg: ModelConfig, *, zero3_config: Optional[dict] = None) -> 
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.lora_rank > 0:
-        model = _add_lora(model, cfg)
+        model = _add_lora(model, cfg, lora_task)
     return model
 
 
@@ -126,14 +143,14 @@ def _prepare_4bit_for_training(model: PreTrainedModel, cfg: ModelConfig) -> None
     prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
 
 
-def _add_lora(model: PreTrainedModel, cfg: ModelConfig):
+def _add_lora(model: PreTrainedModel, cfg: ModelConfig, task: str):
     from peft import LoraConfig, TaskType, get_peft_model
 
     targets: Any = list(cfg.target_modules)
     if targets == ["all-linear"]:
         targets = "all-linear"
     lora = LoraConfig(
-        task_type=TaskType.CAUSAL_LM,
+        task_type=TaskType[task],  # SEQ_CLS also keeps the new score head trainable
         r=cfg.lora_rank,
         lora_alpha=cfg.lora_alpha,
         lora_dropout=cfg.lora_dropout,
