@@ -17,7 +17,7 @@ import dataclasses
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Literal, Optional, Sequence, TypeVar
+from typing import Annotated, Any, Literal, Optional, Sequence, TypeVar
 
 import tyro
 import tyro._errors as tyro_errors
@@ -365,14 +365,15 @@ class KTOConfig:
 # Parsing
 
 
-def _section_fields(cls: type) -> dict[str, str]:
-    """Flat option name -> section attribute, for a config made of Flat sections."""
-    owners: dict[str, str] = {}
-    for section in dataclasses.fields(cls):
-        if dataclasses.is_dataclass(section.type) or isinstance(section.type, str):
-            section_cls = type(getattr(cls(), section.name))
-            for f in dataclasses.fields(section_cls):
-                owners[f.name] = section.name
+def _option_owners(config: Any) -> dict[str, Optional[str]]:
+    """Flat option name -> the section attribute holding it (None for top-level options)."""
+    owners: dict[str, Optional[str]] = {}
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if dataclasses.is_dataclass(value):
+            owners.update({sub.name: f.name for sub in dataclasses.fields(value)})
+        else:
+            owners[f.name] = None
     return owners
 
 
@@ -390,17 +391,17 @@ def load_preset(cls: type[C], path: str) -> C:
     if not isinstance(values, dict):
         raise UserError(f"{path}: a preset must be a mapping of option names to values")
     config = cls()
-    owners = _section_fields(cls)
+    owners = _option_owners(config)
     for key, value in values.items():
         if key not in owners:
             raise UserError(f"{path}: unknown option {key!r} (see --help for the options)")
-        section = getattr(config, owners[key])
-        expected = type(getattr(section, key))
-        if isinstance(getattr(section, key), tuple) and isinstance(value, list):
+        target = config if owners[key] is None else getattr(config, owners[key])
+        current = getattr(target, key)
+        if isinstance(current, tuple) and isinstance(value, list):
             value = tuple(value)
-        elif expected is float and isinstance(value, int):
+        elif isinstance(current, float) and isinstance(value, int):
             value = float(value)
-        setattr(section, key, value)
+        setattr(target, key, value)
     return config
 
 
