@@ -361,6 +361,146 @@ class KTOConfig:
             raise UserError("--desirable_loss_weight and --undesirable_loss_weight must be > 0")
 
 
+@dataclass
+class PromptDataConfig:
+    """Prompts for rollouts (and their labels for verifiable rewards)."""
+
+    prompt_data: str = "embedded:arith/prompts_train.jsonl"
+    """Comma-separated prompt sources (same forms as --dataset)."""
+    prompt_data_probs: Optional[str] = None
+    """Mixing weights for the --prompt_data sources."""
+    eval_prompt_data: Optional[str] = "embedded:arith/prompts_eval.jsonl"
+    """Held-out prompts for the eval reward (greedy decoding); None disables eval."""
+    input_key: str = "input"
+    """Row field with the prompt text (or a messages list with --apply_chat_template)."""
+    label_key: Optional[str] = "label"
+    """Row field passed to reward functions as the label (reference answer); None for none."""
+    input_template: Optional[str] = None
+    """Python format string applied to the prompt text."""
+    apply_chat_template: bool = False
+    """Render prompts with the tokenizer's chat template (with the generation prompt)."""
+    prompt_max_len: int = 1024
+    """Prompts longer than this many tokens are left-truncated."""
+    max_samples: int = 100_000_000
+    """Use at most this many prompts."""
+
+    def validate(self) -> None:
+        if self.prompt_max_len < 1:
+            raise UserError(f"--prompt_max_len must be >= 1, got {self.prompt_max_len}")
+
+
+@dataclass
+class RolloutConfig:
+    """Generation and experience collection."""
+
+    rollout_batch_size: int = 64
+    """Prompts per PPO step over all ranks."""
+    n_samples_per_prompt: int = 1
+    """Responses sampled per prompt (groups for rloo / group_norm / dr_grpo)."""
+    micro_rollout_batch_size: int = 16
+    """Sequences per rank per forward when scoring experience (reference, critic, reward)."""
+    generate_max_len: int = 1024
+    """Maximum new tokens per response."""
+    temperature: float = 1.0
+    """Sampling temperature."""
+    top_p: float = 1.0
+    """Nucleus sampling."""
+    rollout_backend: Literal["hf"] = "hf"
+    """Generation engine: hf (model.generate on the actor's ranks)."""
+
+    def validate(self) -> None:
+        for flag, value in (("--rollout_batch_size", self.rollout_batch_size), ("--n_samples_per_prompt", self.n_samples_per_prompt), ("--micro_rollout_batch_size", self.micro_rollout_batch_size), ("--generate_max_len", self.generate_max_len)):
+            if value < 1:
+                raise UserError(f"{flag} must be >= 1, got {value}")
+        if self.temperature <= 0:
+            raise UserError(f"--temperature must be > 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise UserError(f"--top_p must be in (0, 1], got {self.top_p}")
+
+
+@dataclass
+class PPOAlgoConfig:
+    """Rewards, KL, advantages and the PPO objective."""
+
+    reward_func: Optional[str] = None
+    """'module:function' or 'file.py:function' scoring (prompts, responses, labels) -> list of floats, e.g. rlhf.rewards:exact_match."""
+    reward_pretrain: Optional[str] = None
+    """Comma-separated reward models (folders saved by rlhf.rm, or any HF sequence classifier with 1 label)."""
+    reward_weights: Optional[str] = None
+    """Comma-separated weights of the reward sources (reward models first, then the function); default 1 each. The reward is their weighted sum."""
+    normalize_reward: bool = False
+    """Normalise each reward model's score with the mean/std stored by rlhf.rm."""
+    reward_clip_range: tuple[float, float] = (-10.0, 10.0)
+    """Clip the combined sequence reward to this range."""
+    overlong_penalty: float = 0.0
+    """Subtracted from the reward of responses that hit --generate_max_len without EOS."""
+    advantage_estimator: str = "group_norm"
+    """gae | reinforce | rloo | reinforce_baseline | group_norm | dr_grpo."""
+    gamma: float = 1.0
+    """Discount factor."""
+    lambd: float = 0.95
+    """GAE lambda."""
+    init_kl_coef: float = 0.01
+    """KL coefficient (initial value with --kl_target)."""
+    kl_estimator: Literal["k1", "k2", "k3"] = "k1"
+    """KL estimator (Schulman's k1 / k2 / k3)."""
+    use_kl_loss: bool = False
+    """Put the KL in the loss (GRPO style) instead of in the reward."""
+    kl_target: Optional[float] = None
+    """Adaptive KL: target KL per sequence (None = fixed coefficient)."""
+    kl_horizon: int = 10000
+    """Adaptive KL horizon."""
+    eps_clip_low_high: tuple[float, float] = (0.2, 0.2)
+    """PPO ratio clip range below / above 1."""
+    dual_clip: Optional[float] = None
+    """Dual-clip constant c > 1 for negative advantages (None disables)."""
+    value_clip: Optional[float] = 0.2
+    """Clip of the value update around the old values (None disables)."""
+    entropy_coef: float = 0.0
+    """Entropy bonus coefficient."""
+    ppo_epochs: int = 1
+    """Passes over each rollout batch (OpenRLHF's --max_epochs for PPO)."""
+    num_episodes: int = 1
+    """Passes over the prompt data."""
+    actor_learning_rate: Optional[float] = None
+    """Actor learning rate (default: --learning_rate)."""
+    critic_learning_rate: Optional[float] = None
+    """Critic learning rate (default: --learning_rate)."""
+    critic_pretrain: Optional[str] = None
+    """Critic initialisation (default: the first reward model, else --pretrain); used by gae only."""
+    freezing_actor_steps: int = 0
+    """Train only the critic for this many first steps."""
+    eval_every: int = 5
+    """Evaluate the greedy reward on --eval_prompt_data every N steps (and at the start and end)."""
+
+
+@dataclass
+class PPOConfig:
+    """PPO and its critic-free cousins (GRPO, RLOO, REINFORCE++), colocated on every rank."""
+
+    model: Annotated[ModelConfig, Flat] = field(default_factory=ModelConfig)
+    data: Annotated[PromptDataConfig, Flat] = field(default_factory=PromptDataConfig)
+    rollout: Annotated[RolloutConfig, Flat] = field(default_factory=RolloutConfig)
+    algo: Annotated[PPOAlgoConfig, Flat] = field(default_factory=PPOAlgoConfig)
+    train: Annotated[TrainConfig, Flat] = field(default_factory=TrainConfig)
+    ckpt: Annotated[CheckpointConfig, Flat] = field(default_factory=CheckpointConfig)
+    log: Annotated[LoggingConfig, Flat] = field(default_factory=LoggingConfig)
+
+    def validate(self) -> None:
+        for section in (self.model, self.data, self.rollout, self.train, self.ckpt, self.log):
+            section.validate()
+        algo = self.algo
+        if not algo.reward_func and not algo.reward_pretrain:
+            raise UserError("PPO needs a reward: give --reward_func module:function and/or --reward_pretrain MODEL")
+        if algo.advantage_estimator in ("rloo", "group_norm", "dr_grpo", "reinforce_baseline") and self.rollout.n_samples_per_prompt < 2:
+            raise UserError(f"--advantage_estimator {algo.advantage_estimator} compares samples of one prompt: set --n_samples_per_prompt >= 2")
+        if self.model.flash_attn and not self.model.bf16:
+            raise UserError("--flash_attn needs --bf16: flash_attention_2 has no fp32 kernels")
+        per_step = self.rollout.rollout_batch_size * self.rollout.n_samples_per_prompt
+        if per_step % self.train.train_batch_size != 0:
+            raise UserError(f"--rollout_batch_size x --n_samples_per_prompt = {per_step} must be a multiple of --train_batch_size {self.train.train_batch_size}")
+
+
 # ----------------------------------------------------------------------------------------------
 # Parsing
 

@@ -64,25 +64,30 @@ def load_preprocess_fn(spec: str) -> Callable[[dict], Optional[dict]]:
 
     A module is imported from ``sys.path`` and, failing that, from the current directory.
     """
+    return load_user_function(spec, "--preprocess_fn")
+
+
+def load_user_function(spec: str, flag: str) -> Callable:
+    """Import a user's ``'module:function'`` or ``'path/to/file.py:function'`` named by ``flag``."""
     module_name, sep, func_name = spec.rpartition(":")
     if not sep or not module_name or not func_name:
-        raise UserError(f"--preprocess_fn must look like 'module:function', got {spec!r}")
-    module = _import_user_module(module_name, spec)
+        raise UserError(f"{flag} must look like 'module:function', got {spec!r}")
+    module = _import_user_module(module_name, spec, flag)
     fn = getattr(module, func_name, None)
     if fn is None:
-        raise UserError(f"--preprocess_fn {spec}: module {module_name!r} has no function {func_name!r}")
+        raise UserError(f"{flag} {spec}: module {module_name!r} has no function {func_name!r}")
     if not callable(fn):
-        raise UserError(f"--preprocess_fn {spec}: {func_name!r} in {module_name!r} is not a function")
+        raise UserError(f"{flag} {spec}: {func_name!r} in {module_name!r} is not a function")
     return fn
 
 
-def _import_user_module(module_name: str, spec: str):
+def _import_user_module(module_name: str, spec: str, flag: str):
     try:
         if module_name.endswith(".py"):
             file = Path(module_name).expanduser()
             if not file.is_file():
-                raise UserError(f"--preprocess_fn {spec}: no such file {module_name}")
-            loader_spec = importlib.util.spec_from_file_location(f"_rlhf_preprocess_{file.stem}", file)
+                raise UserError(f"{flag} {spec}: no such file {module_name}")
+            loader_spec = importlib.util.spec_from_file_location(f"_rlhf_user_{file.stem}", file)
             module = importlib.util.module_from_spec(loader_spec)
             loader_spec.loader.exec_module(module)
             return module
@@ -98,9 +103,9 @@ def _import_user_module(module_name: str, spec: str):
     except UserError:
         raise
     except ModuleNotFoundError as err:
-        raise UserError(f"--preprocess_fn {spec}: cannot import module {module_name!r} ({err})") from None
+        raise UserError(f"{flag} {spec}: cannot import module {module_name!r} ({err})") from None
     except Exception as err:  # noqa: BLE001 - any failure while running the user's module body
-        raise UserError(f"--preprocess_fn {spec}: importing {module_name!r} failed ({type(err).__name__}: {err})") from None
+        raise UserError(f"{flag} {spec}: importing {module_name!r} failed ({type(err).__name__}: {err})") from None
 
 
 def _preprocess(fn: Callable, row: dict, where: str, spec: str) -> Optional[dict]:

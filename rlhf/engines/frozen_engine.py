@@ -43,3 +43,9 @@ class FrozenEngine:
         return self.engine(**model_inputs)
 
     __call__ = forward
+
+    def release(self) -> None:
+        """Drop the model (e.g. after precomputing reference log-probs). ZeRO-3 hooks hold
+        references to the module, so they are removed first (``destroy``) or nothing is freed."""
+        self.engine.destroy()
+        del self.engine

@@ -117,8 +117,9 @@ def load_checkpoint(folder: Path, engines: Mapping[str, Any]) -> dict:
     return json.loads((folder / STATE_FILE).read_text())
 
 
-# Files a trainer writes next to the model (metrics, plots, wandb runs) that an export keeps.
-KEEP_ON_EXPORT = ("metrics.jsonl", "*.png", "wandb")
+# Files a trainer writes next to the model (metrics, plots, wandb runs, PPO's critic) that an
+# export keeps.
+KEEP_ON_EXPORT = ("metrics.jsonl", "*.png", "wandb", "critic")
 
 
 def export_hf(engine: Any, tokenizer: Any, out_dir: str, extra_files: Optional[Mapping[str, str]] = None) -> None:

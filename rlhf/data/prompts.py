@@ -1,0 +1,45 @@
+"""Prompts for rollouts: token ids to generate from, the text a reward function sees, a label."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from rlhf.config import PromptDataConfig
+from rlhf.data.sft import _chat_template, _field, _fill_input_template, _messages, _render, _text_field, encode_rendered
+from rlhf.data.sources import WHERE_KEY, load_mixture
+from rlhf.errors import UserError
+
+
+@dataclass
+class Prompt:
+    ids: list[int]  # what the policy continues (chat-rendered with the generation prompt if asked)
+    text: str  # the rendered prompt text, as reward functions receive it
+    label: Any  # the row's --label_key value (reference answer), None without one
+
+
+def tokenize_prompts(rows: list[dict], tokenizer, cfg: PromptDataConfig) -> list[Prompt]:
+    template = _chat_template(tokenizer, cfg) if cfg.apply_chat_template else None  # type: ignore[arg-type]
+    prompts = []
+    for row in rows:
+        where = row.get(WHERE_KEY, "row")
+        value = _field(row, cfg.input_key, where, "--input_key")
+        if template is not None:
+            messages = [{"role": "user", "content": value}] if isinstance(value, str) else _messages(value, cfg.input_key, where)
+            if cfg.input_template and isinstance(value, str):
+                messages[0]["content"] = _fill_input_template(cfg.input_template, value)
+            text = _render(tokenizer, messages, template, generation_prompt=True, where=where)
+        else:
+            text = _text_field(row, cfg.input_key, where, "--input_key", allow_empty=False)
+            if cfg.input_template:
+                text = _fill_input_template(cfg.input_template, text)
+        ids = encode_rendered(tokenizer, text)[-cfg.prompt_max_len :]  # keep the end: it holds the question
+        label = _field(row, cfg.label_key, where, "--label_key") if cfg.label_key else None
+        prompts.append(Prompt(ids=ids, text=text, label=label))
+    if not prompts:
+        raise UserError(f"--prompt_data {cfg.prompt_data}: no prompts")
+    return prompts
+
+
+def load_prompts(source: str, probs, tokenizer, cfg: PromptDataConfig, seed: int) -> list[Prompt]:
+    return tokenize_prompts(load_mixture(source, probs, "train", cfg.max_samples, seed), tokenizer, cfg)

@@ -1,0 +1,75 @@
+"""Reward sources for RL: Python reward functions and reward models, combined by weighted sum.
+
+A reward function is ``fn(prompts: list[str], responses: list[str], labels: list) -> list[float]``,
+named on the command line as ``--reward_func module:function`` (or ``file.py:function``) and
+called once per batch. ``exact_match`` below is a ready one for datasets with reference answers.
+A reward model is any 1-label sequence classifier (``rlhf.rm`` saves one), run as a frozen
+engine; with ``--normalize_reward`` its score is standardised with the mean/std it stores.
+The combined sequence reward is ``sum_k w_k * r_k`` (reward models first, then the function).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+
+from rlhf.data.sft import load_user_function
+from rlhf.errors import UserError
+
+
+def exact_match(prompts: Sequence[str], responses: Sequence[str], labels: Sequence[Any]) -> list[float]:
+    """1.0 when the response, stripped, equals the label, else 0.0 (verifiable tasks)."""
+    return [1.0 if r.strip() == str(y).strip() else 0.0 for r, y in zip(responses, labels)]
+
+
+class RewardFunction:
+    """A user's batched reward function, with its output checked on every call."""
+
+    def __init__(self, spec: str):
+        self.spec = spec
+        self.fn: Callable = load_user_function(spec, "--reward_func")
+
+    def __call__(self, prompts: list[str], responses: list[str], labels: list[Any]) -> torch.Tensor:
+        """-> [B] float32 rewards."""
+        try:
+            values = self.fn(prompts, responses, labels)
+        except Exception as err:  # noqa: BLE001 - the user's code: report it as their error, in one line
+            raise UserError(f"--reward_func {self.spec} raised {type(err).__name__}: {' '.join(str(err).split())[:300]}") from None
+        try:
+            values = [float(v) for v in values]
+        except (TypeError, ValueError):
+            raise UserError(f"--reward_func {self.spec} must return a list of numbers, got {type(values).__name__}") from None
+        if len(values) != len(responses):
+            raise UserError(f"--reward_func {self.spec} returned {len(values)} rewards for {len(responses)} responses")
+        if not all(math.isfinite(v) for v in values):
+            raise UserError(f"--reward_func {self.spec} returned a non-finite reward")
+        return torch.tensor(values, dtype=torch.float32)
+
+
+def parse_weights(weights: Optional[str], n_sources: int) -> list[float]:
+    """--reward_weights '0.5,1' -> [0.5, 1.0]; default 1 for every source."""
+    if weights is None:
+        return [1.0] * n_sources
+    try:
+        values = [float(w) for w in weights.split(",")]
+    except ValueError:
+        raise UserError(f"--reward_weights must be comma-separated numbers, got {weights!r}") from None
+    if len(values) != n_sources:
+        raise UserError(f"--reward_weights has {len(values)} values for {n_sources} reward sources (reward models, then --reward_func)")
+    return values
+
+
+def normalise_score(score: torch.Tensor, config: Any) -> torch.Tensor:
+    """(score - mean) / std with the statistics rlhf.rm stores in the model config; [B] -> [B]."""
+    mean, std = getattr(config, "reward_mean", None), getattr(config, "reward_std", None)
+    if mean is None or std is None:
+        raise UserError("--normalize_reward: the reward model stores no reward_mean/reward_std (train it with rlhf.rm, or drop the flag)")
+    return (score - mean) / max(std, 1e-6)
+
+
+def combine(per_source: Sequence[torch.Tensor], weights: Sequence[float], clip: tuple[float, float]) -> torch.Tensor:
+    """Weighted sum of the per-source rewards [B] each, clipped -> [B]."""
+    total = sum(w * r.float() for w, r in zip(weights, per_source))
+    return total.clamp(min=clip[0], max=clip[1])
