@@ -34,6 +34,7 @@ def exit_on_user_error(main: Callable[..., T]) -> Callable[..., T]:
         try:
             return main(*args, **kwargs)
         except UserError as err:
+            _close_progress_bars()  # so the message starts on a line of its own
             if os.environ.get("LOCAL_RANK", "0") == "0":
                 print(f"error: {err}", file=sys.stderr, flush=True)
             # os._exit skips atexit hooks of torch.distributed / DeepSpeed that can hang
@@ -43,3 +44,12 @@ def exit_on_user_error(main: Callable[..., T]) -> Callable[..., T]:
             os._exit(USER_ERROR_EXIT_CODE)
 
     return guarded
+
+
+def _close_progress_bars() -> None:
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
