@@ -62,6 +62,8 @@ class ModelConfig:
             raise UserError("--load_in_4bit (QLoRA) needs --lora_rank > 0: a 4-bit base cannot be trained directly")
         if self.aux_loss_coef < 0:
             raise UserError(f"--aux_loss_coef must be >= 0, got {self.aux_loss_coef}")
+        if self.flash_attn and not self.bf16:
+            raise UserError("--flash_attn needs --bf16: flash_attention_2 has no fp32 kernels")
 
 
 @dataclass
@@ -241,6 +243,14 @@ class LoggingConfig:
 Flat = tyro.conf.OmitArgPrefixes
 
 
+def validate_sections(config: Any) -> None:
+    """Run ``validate()`` of every section of a trainer config."""
+    for f in dataclasses.fields(config):
+        section = getattr(config, f.name)
+        if dataclasses.is_dataclass(section):
+            section.validate()
+
+
 @dataclass
 class SFTConfig:
     """Supervised fine-tuning, continued pre-training (--pretrain_mode) and conditional SFT (--score_key)."""
@@ -252,10 +262,7 @@ class SFTConfig:
     log: Annotated[LoggingConfig, Flat] = field(default_factory=LoggingConfig)
 
     def validate(self) -> None:
-        for section in (self.model, self.data, self.train, self.ckpt, self.log):
-            section.validate()
-        if self.model.flash_attn and not self.model.bf16:
-            raise UserError("--flash_attn needs --bf16: flash_attention_2 has no fp32 kernels")
+        validate_sections(self)
 
 
 @dataclass
@@ -289,10 +296,7 @@ class RMConfig:
     """Pairwise loss: -log sigmoid(r_chosen - r_rejected - margin), or log(1 + exp(r_rejected - r_chosen))."""
 
     def validate(self) -> None:
-        for section in (self.model, self.data, self.train, self.ckpt, self.log):
-            section.validate()
-        if self.model.flash_attn and not self.model.bf16:
-            raise UserError("--flash_attn needs --bf16: flash_attention_2 has no fp32 kernels")
+        validate_sections(self)
         if self.loss == "logexp" and self.data.margin_key:
             raise UserError("--margin_key works with --loss sigmoid only (logexp has no margin term)")
         if self.data.packing_samples:
@@ -322,8 +326,7 @@ class DPOConfig:
     """engine: a frozen reference model on the same ranks; precompute: reference log-probs computed once in a first pass and cached."""
 
     def validate(self) -> None:
-        for section in (self.model, self.data, self.train, self.ckpt, self.log):
-            section.validate()
+        validate_sections(self)
         if self.beta <= 0:
             raise UserError(f"--beta must be > 0, got {self.beta}")
         if not 0.0 <= self.label_smoothing < 0.5:
@@ -351,10 +354,11 @@ class KTOConfig:
     """Weight of undesirable (label false) examples (lambda_U)."""
     ref_pretrain: Optional[str] = None
     """Reference model (default: --pretrain)."""
+    eval_pairs: Optional[str] = None
+    """Preference pairs (prompt/chosen/rejected) on which to report the implicit reward's pair accuracy and margin during KTO eval"""
 
     def validate(self) -> None:
-        for section in (self.model, self.data, self.train, self.ckpt, self.log):
-            section.validate()
+        validate_sections(self)
         if self.beta <= 0:
             raise UserError(f"--beta must be > 0, got {self.beta}")
         if self.desirable_loss_weight <= 0 or self.undesirable_loss_weight <= 0:
@@ -426,15 +430,21 @@ class PPOAlgoConfig:
     """'module:function' or 'file.py:function' scoring (prompts, responses, labels) -> list of floats, e.g. rlhf.rewards:exact_match."""
     reward_pretrain: Optional[str] = None
     """Comma-separated reward models (folders saved by rlhf.rm, or any HF sequence classifier with 1 label)."""
+    remote_rm_url: Optional[str] = None
+    """HTTP endpoint scoring responses: POST {prompts, responses, labels, queries} -> {"rewards": [...]}."""
+    remote_rm_timeout: float = 30.0
+    """Seconds to wait for one --remote_rm_url call."""
+    remote_rm_retries: int = 3
+    """Retries of a failed --remote_rm_url call before the job stops (never a silent zero reward)."""
     reward_weights: Optional[str] = None
-    """Comma-separated weights of the reward sources (reward models first, then the function); default 1 each. The reward is their weighted sum."""
+    """Comma-separated weights of the reward sources (reward models, then --remote_rm_url, then --reward_func); default 1 each. The reward is their weighted sum."""
     normalize_reward: bool = False
     """Normalise each reward model's score with the mean/std stored by rlhf.rm."""
     reward_clip_range: tuple[float, float] = (-10.0, 10.0)
     """Clip the combined sequence reward to this range."""
     overlong_penalty: float = 0.0
     """Subtracted from the reward of responses that hit --generate_max_len without EOS."""
-    advantage_estimator: str = "group_norm"
+    advantage_estimator: str = "gae"
     """gae | reinforce | rloo | reinforce_baseline | group_norm | dr_grpo."""
     gamma: float = 1.0
     """Discount factor."""
@@ -473,6 +483,22 @@ class PPOAlgoConfig:
     eval_every: int = 5
     """Evaluate the greedy reward on --eval_prompt_data every N steps (and at the start and end)."""
 
+    def validate(self) -> None:
+        for flag, value in (("--ppo_epochs", self.ppo_epochs), ("--num_episodes", self.num_episodes), ("--eval_every", self.eval_every), ("--kl_horizon", self.kl_horizon)):
+            if value < 1:
+                raise UserError(f"{flag} must be >= 1, got {value}")
+        low, high = self.eps_clip_low_high
+        if not (0 < low < 1 and high > 0):
+            raise UserError(f"--eps_clip_low_high must be two numbers with 0 < low < 1 and high > 0, got {low} {high}")
+        if self.dual_clip is not None and self.dual_clip <= 1:
+            raise UserError(f"--dual_clip must be > 1, got {self.dual_clip}")
+        if self.kl_target is not None and self.kl_target <= 0:
+            raise UserError(f"--kl_target must be > 0, got {self.kl_target}")
+        if self.remote_rm_retries < 0 or self.remote_rm_timeout <= 0:
+            raise UserError(f"--remote_rm_retries must be >= 0 and --remote_rm_timeout > 0, got {self.remote_rm_retries} and {self.remote_rm_timeout}")
+        if self.reward_clip_range[0] >= self.reward_clip_range[1]:
+            raise UserError(f"--reward_clip_range must be low high with low < high, got {self.reward_clip_range}")
+
 
 @dataclass
 class PPOConfig:
@@ -487,15 +513,12 @@ class PPOConfig:
     log: Annotated[LoggingConfig, Flat] = field(default_factory=LoggingConfig)
 
     def validate(self) -> None:
-        for section in (self.model, self.data, self.rollout, self.train, self.ckpt, self.log):
-            section.validate()
+        validate_sections(self)
         algo = self.algo
-        if not algo.reward_func and not algo.reward_pretrain:
-            raise UserError("PPO needs a reward: give --reward_func module:function and/or --reward_pretrain MODEL")
+        if not (algo.reward_func or algo.reward_pretrain or algo.remote_rm_url):
+            raise UserError("PPO needs a reward: give --reward_func module:function, --reward_pretrain MODEL and/or --remote_rm_url URL")
         if algo.advantage_estimator in ("rloo", "group_norm", "dr_grpo", "reinforce_baseline") and self.rollout.n_samples_per_prompt < 2:
             raise UserError(f"--advantage_estimator {algo.advantage_estimator} compares samples of one prompt: set --n_samples_per_prompt >= 2")
-        if self.model.flash_attn and not self.model.bf16:
-            raise UserError("--flash_attn needs --bf16: flash_attention_2 has no fp32 kernels")
         per_step = self.rollout.rollout_batch_size * self.rollout.n_samples_per_prompt
         if per_step % self.train.train_batch_size != 0:
             raise UserError(f"--rollout_batch_size x --n_samples_per_prompt = {per_step} must be a multiple of --train_batch_size {self.train.train_batch_size}")

@@ -45,7 +45,7 @@ from rlhf.dist.env import device, init_distributed
 from rlhf.dist.topology import Topology
 from rlhf.engines.frozen_engine import FrozenEngine
 from rlhf.engines.train_engine import TrainEngine
-from rlhf.errors import exit_on_user_error
+from rlhf.errors import exit_on_user_error, run_program
 from rlhf.models.loading import load_causal_lm, load_tokenizer
 from rlhf.rm import load_pairs
 from rlhf.trainer import Loop, all_reduce_sums, finish, plan_total_steps, run
@@ -222,4 +222,4 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_program(main)

@@ -11,11 +11,13 @@ from __future__ import annotations
 import functools
 import os
 import sys
+import time
 from typing import Callable, TypeVar
 
 T = TypeVar("T")
 
 USER_ERROR_EXIT_CODE = 2
+_PEER_GRACE_SECONDS = 3.0
 
 
 class UserError(Exception):
@@ -25,8 +27,10 @@ class UserError(Exception):
 def exit_on_user_error(main: Callable[..., T]) -> Callable[..., T]:
     """Wrap an entry point: a ``UserError`` prints ``error: <message>`` once and exits 2.
 
-    Under torchrun every rank usually hits the same error; only local rank 0 prints it so the
-    user sees one line per node, and all ranks exit non-zero so the launcher stops the job.
+    Under torchrun every rank usually hits the same error at the same moment. Local rank 0
+    prints it and exits at once; the other ranks wait a moment first, so that torchrun, seeing
+    rank 0 fail, stops them before they repeat the line. A rank that alone hits an error is
+    still heard: after the wait it prints too.
     """
 
     @functools.wraps(main)
@@ -35,11 +39,11 @@ def exit_on_user_error(main: Callable[..., T]) -> Callable[..., T]:
             return main(*args, **kwargs)
         except UserError as err:
             _close_progress_bars()  # so the message starts on a line of its own
-            if os.environ.get("LOCAL_RANK", "0") == "0":
-                print(f"error: {err}", file=sys.stderr, flush=True)
+            if os.environ.get("LOCAL_RANK", "0") != "0":
+                time.sleep(_PEER_GRACE_SECONDS)
+            print(f"error: {err}", file=sys.stderr, flush=True)
             # os._exit skips atexit hooks of torch.distributed / DeepSpeed that can hang
             # waiting for peers that already died.
-            sys.stderr.flush()
             sys.stdout.flush()
             os._exit(USER_ERROR_EXIT_CODE)
 
@@ -53,3 +57,17 @@ def _close_progress_bars() -> None:
         return
     for bar in list(getattr(tqdm, "_instances", ())):
         bar.close()
+
+
+def run_program(main: Callable[[], object]) -> None:
+    """Run a trainer as a command: ``main()``, flush, and leave with status 0.
+
+    The process exits directly instead of tearing the interpreter down: with every output
+    already written and flushed, the teardown only destroys DeepSpeed/gloo background threads,
+    which can abort a finished job (seen: "terminate called without an active exception" after
+    a ZeRO-3 export). ``main()`` itself returns normally for in-process callers (submitit).
+    """
+    main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

@@ -25,6 +25,11 @@ desirable_frac)``). Eval reports those means directly: ``eval_reward_desirable``
 ``eval_reward_undesirable`` and their difference ``eval_reward_gap`` (positive once the policy
 prefers right completions to wrong ones more than the reference does).
 
+With ``--eval_pairs`` (rows ``{prompt, chosen, rejected}``, read with ``--prompt_key``,
+``--chosen_key`` and ``--rejected_key``), eval also scores those preference pairs with the same
+implicit reward (``rlhf.dpo.evaluate``): ``eval_pair_acc``, the share of pairs whose chosen
+response gets the higher reward, and ``eval_pair_margin``, the mean chosen-minus-rejected reward.
+
 Steps: 1 launch, 2 data, 3 policy and reference, 4 train, 5 export.
 """
 
@@ -36,28 +41,31 @@ import torch
 import torch.distributed as dist
 
 from rlhf.algos.preference import kto_kl_estimate, kto_loss, packed_sequence_logprobs, sequence_logprobs
-from rlhf.config import KTOConfig, parse_config
+from rlhf.config import DPOConfig, KTOConfig, parse_config
 from rlhf.data.batching import shard_for_eval
-from rlhf.data.preference import UnpairedSample, kto_mismatched_pairs, tokenize_unpaired
+from rlhf.data.preference import PairSample, UnpairedSample, kto_mismatched_pairs, tokenize_pairs, tokenize_unpaired
 from rlhf.data.sft import Sample, collate_packed, collate_padded
-from rlhf.data.sources import holdout_split, load_mixture
+from rlhf.data.sources import load_mixture, load_train_eval
 from rlhf.dist.env import device, init_distributed
 from rlhf.dist.topology import Topology
-from rlhf.dpo import Forward, load_reference
+from rlhf.dpo import Forward, load_reference, pair_logprobs
+from rlhf.dpo import evaluate as evaluate_dpo_pairs
 from rlhf.engines.train_engine import TrainEngine
-from rlhf.errors import exit_on_user_error
+from rlhf.errors import exit_on_user_error, run_program
 from rlhf.models.loading import load_causal_lm, load_tokenizer
 from rlhf.trainer import Loop, all_reduce_sums, finish, plan_total_steps, run
 
 
 def load_examples(cfg: KTOConfig, tokenizer) -> tuple[list[UnpairedSample], list[UnpairedSample]]:
-    data = cfg.data
-    rows = load_mixture(data.dataset, data.dataset_probs, data.train_split, data.max_samples, cfg.train.seed)
-    if data.eval_dataset:
-        eval_rows = load_mixture(data.eval_dataset, None, data.eval_split, data.max_samples, cfg.train.seed)
-    else:
-        rows, eval_rows = holdout_split(rows, data.eval_holdout_ratio, cfg.train.seed)
-    return tokenize_unpaired(rows, tokenizer, data), tokenize_unpaired(eval_rows, tokenizer, data) if eval_rows else []
+    return load_train_eval(cfg.data, cfg.train.seed, lambda rows: tokenize_unpaired(rows, tokenizer, cfg.data))
+
+
+def load_eval_pairs(cfg: KTOConfig, tokenizer) -> list[PairSample]:
+    """The --eval_pairs preference pairs (none without the option), tokenized as rlhf.dpo does."""
+    if not cfg.eval_pairs:
+        return []
+    rows = load_mixture(cfg.eval_pairs, None, cfg.data.eval_split, cfg.data.max_samples, cfg.train.seed)
+    return tokenize_pairs(rows, tokenizer, cfg.data)
 
 
 def sample_logprobs(forward: Forward, samples: list[Sample], pad_id: int, packed: bool) -> torch.Tensor:
@@ -104,6 +112,23 @@ def evaluate(engine: TrainEngine, examples: list[UnpairedSample], ref_forward: F
     return {"reward_desirable": des, "reward_undesirable": und, "reward_gap": des - und}
 
 
+@torch.no_grad()
+def evaluate_pairs(engine: TrainEngine, pairs: list[PairSample], ref_forward: Forward, cfg: KTOConfig, pad_id: int, rank: int, dp: int) -> dict[str, float]:
+    """Pair accuracy and mean margin of the implicit reward on preference pairs (rlhf.dpo's eval).
+
+    DPO's implicit reward is KTO's, beta * (log pi - log ref) summed over response tokens; its
+    other settings (loss type, NLL term) only shape the DPO loss, which is not reported here.
+    """
+    dpo_cfg = DPOConfig(model=cfg.model, data=cfg.data, train=cfg.train, beta=cfg.beta)  # sigmoid, no NLL term
+    packed = cfg.data.packing_samples
+
+    def reference(split: str, indices: list, batch: list) -> torch.Tensor:
+        return pair_logprobs(ref_forward, batch, pad_id, packed)
+
+    metrics = evaluate_dpo_pairs(engine, pairs, reference, dpo_cfg, pad_id, rank, dp)
+    return {"pair_acc": metrics["acc"], "pair_margin": metrics["margin"]}
+
+
 @exit_on_user_error
 def main(argv: Optional[Sequence[str]] = None) -> None:
     cfg = parse_config(KTOConfig, argv, prog="python -m rlhf.kto")
@@ -118,6 +143,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     # loop's items are example indices so both can be looked up.
     tokenizer = load_tokenizer(cfg.model)
     train_examples, eval_examples = load_examples(cfg, tokenizer)
+    eval_pairs = load_eval_pairs(cfg, tokenizer)
     mismatched = kto_mismatched_pairs(train_examples, cfg.train.seed, cfg.data.max_len)
     lengths = [len(e.sample.input_ids) + len(m.input_ids) for e, m in zip(train_examples, mismatched)]
     per_epoch, total_steps = plan_total_steps(cfg, lengths, dp, len(train_examples))
@@ -150,10 +176,15 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         engine.step()
         return {"loss": loss_sum.item(), "kl": z0.item() * n, **label_metrics(rewards, labels)}
 
-    evaluate_now = (lambda: evaluate(engine, eval_examples, ref_forward, cfg, pad_id, rank, dp)) if eval_examples else None
+    def evaluate_now() -> dict[str, float]:
+        metrics = evaluate(engine, eval_examples, ref_forward, cfg, pad_id, rank, dp) if eval_examples else {}
+        if eval_pairs:
+            metrics.update(evaluate_pairs(engine, eval_pairs, ref_forward, cfg, pad_id, rank, dp))
+        return metrics
+
     loop = Loop(
         name="kto", cfg=cfg, launch=launch, dp_size=dp, items=list(range(len(train_examples))), lengths=lengths,
-        micro_step=micro_step, step_normaliser=len, evaluate=evaluate_now,
+        micro_step=micro_step, step_normaliser=len, evaluate=evaluate_now if eval_examples or eval_pairs else None,
     )
     run(loop, engine, total_steps, per_epoch)
 
@@ -162,4 +193,4 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_program(main)

@@ -37,11 +37,11 @@ from rlhf.dist.env import device, init_distributed
 from rlhf.dist.topology import Topology
 from rlhf.engines.frozen_engine import FrozenEngine
 from rlhf.engines.train_engine import TrainEngine
-from rlhf.errors import UserError, exit_on_user_error
+from rlhf.errors import UserError, exit_on_user_error, run_program
 from rlhf.io.checkpoint import export_hf, latest_checkpoint, load_checkpoint, save_checkpoint
 from rlhf.metrics import MetricsLogger, metric_series, plot_metrics, read_metrics
 from rlhf.models.loading import load_causal_lm, load_reward_model, load_tokenizer
-from rlhf.rewards import RewardFunction, combine, normalise_score, parse_weights
+from rlhf.rewards import RemoteReward, RewardFunction, combine, normalise_score, parse_weights
 from rlhf.rollout.hf import HFGenerator
 from rlhf.trainer import all_reduce_sums, finish
 
@@ -93,10 +93,11 @@ def in_micro_batches(batch: dict[str, torch.Tensor], size: int):
 class Scorer:
     """Everything that scores a rollout: reference, critic, reward models, reward function."""
 
-    def __init__(self, cfg: PPOConfig, tokenizer, reference, critic, reward_models, reward_fn, kl_ctl):
+    def __init__(self, cfg: PPOConfig, tokenizer, reference, critic, reward_models, remote, reward_fn, kl_ctl):
         self.cfg, self.tokenizer = cfg, tokenizer
-        self.reference, self.critic, self.reward_models, self.reward_fn, self.kl_ctl = reference, critic, reward_models, reward_fn, kl_ctl
-        self.weights = parse_weights(cfg.algo.reward_weights, len(reward_models) + (reward_fn is not None))
+        self.reference, self.critic, self.reward_models, self.kl_ctl = reference, critic, reward_models, kl_ctl
+        self.text_sources = {name: fn for name, fn in (("reward_remote", remote), ("reward_func", reward_fn)) if fn is not None}
+        self.weights = parse_weights(cfg.algo.reward_weights, len(reward_models) + len(self.text_sources))
 
     def rewards(self, prompts: list[Prompt], responses: list[list[int]], batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Combined sequence rewards [B] and each source's [B]."""
@@ -109,9 +110,10 @@ class Scorer:
             if self.cfg.algo.normalize_reward:
                 score = normalise_score(score, rm.module.config)
             per_source[f"reward_model{k}"] = score
-        if self.reward_fn is not None:
+        if self.text_sources:
             texts = [self.tokenizer.decode(r, skip_special_tokens=True) for r in responses]
-            per_source["reward_func"] = self.reward_fn([p.text for p in prompts], texts, [p.label for p in prompts])
+            for name, source in self.text_sources.items():
+                per_source[name] = source([p.text for p in prompts], texts, [p.label for p in prompts])
         return combine(list(per_source.values()), self.weights, self.cfg.algo.reward_clip_range), per_source
 
 
@@ -287,9 +289,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         critic_train = dataclasses.replace(cfg.train, learning_rate=algo.critic_learning_rate or cfg.train.learning_rate)
         critic = TrainEngine(load_reward_model(critic_cfg, pad_token_id=tokenizer.pad_token_id), critic_train, bf16=cfg.model.bf16, total_steps=total_steps * updates_per_step, dp_size=dp)
     reward_fn = RewardFunction(algo.reward_func) if algo.reward_func else None
+    remote = RemoteReward(algo.remote_rm_url, algo.remote_rm_timeout, algo.remote_rm_retries) if algo.remote_rm_url else None
     kl_ctl = ppo_math.AdaptiveKLController(algo.init_kl_coef, algo.kl_target, algo.kl_horizon) if algo.kl_target else ppo_math.FixedKLController(algo.init_kl_coef)
     generator = HFGenerator(actor.module, tokenizer, rollout, cfg.train.zero_stage)
-    scorer = Scorer(cfg, tokenizer, reference, critic, reward_models, reward_fn, kl_ctl)
+    scorer = Scorer(cfg, tokenizer, reference, critic, reward_models, remote, reward_fn, kl_ctl)
     engines = {"actor": actor, **({"critic": critic} if critic is not None else {})}
     pad_id = tokenizer.pad_token_id
 
@@ -349,4 +352,4 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_program(main)

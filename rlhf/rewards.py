@@ -5,12 +5,21 @@ named on the command line as ``--reward_func module:function`` (or ``file.py:fun
 called once per batch. ``exact_match`` below is a ready one for datasets with reference answers.
 A reward model is any 1-label sequence classifier (``rlhf.rm`` saves one), run as a frozen
 engine; with ``--normalize_reward`` its score is standardised with the mean/std it stores.
-The combined sequence reward is ``sum_k w_k * r_k`` (reward models first, then the function).
+A remote reward service (``--remote_rm_url``) receives a JSON POST
+``{"prompts": [...], "responses": [...], "labels": [...], "queries": [prompt + response, ...]}``
+and answers ``{"rewards": [...]}`` (or a bare list); a call that still fails after the bounded
+retries stops the job: a reward is never silently zero.
+The combined sequence reward is ``sum_k w_k * r_k`` (reward models first, then the remote
+service, then the function).
 """
 
 from __future__ import annotations
 
+import json
 import math
+import time
+import urllib.error
+import urllib.request
 from typing import Any, Callable, Optional, Sequence
 
 import torch
@@ -37,15 +46,45 @@ class RewardFunction:
             values = self.fn(prompts, responses, labels)
         except Exception as err:  # noqa: BLE001 - the user's code: report it as their error, in one line
             raise UserError(f"--reward_func {self.spec} raised {type(err).__name__}: {' '.join(str(err).split())[:300]}") from None
-        try:
-            values = [float(v) for v in values]
-        except (TypeError, ValueError):
-            raise UserError(f"--reward_func {self.spec} must return a list of numbers, got {type(values).__name__}") from None
-        if len(values) != len(responses):
-            raise UserError(f"--reward_func {self.spec} returned {len(values)} rewards for {len(responses)} responses")
-        if not all(math.isfinite(v) for v in values):
-            raise UserError(f"--reward_func {self.spec} returned a non-finite reward")
-        return torch.tensor(values, dtype=torch.float32)
+        return _check_rewards(values, len(responses), f"--reward_func {self.spec}")
+
+
+def _check_rewards(values: Any, n: int, who: str) -> torch.Tensor:
+    """A reward source's answer as [n] float32, or a UserError naming the source."""
+    try:
+        values = [float(v) for v in values]
+    except (TypeError, ValueError):
+        raise UserError(f"{who} must return a list of numbers, got {type(values).__name__}") from None
+    if len(values) != n:
+        raise UserError(f"{who} returned {len(values)} rewards for {n} responses")
+    if not all(math.isfinite(v) for v in values):
+        raise UserError(f"{who} returned a non-finite reward")
+    return torch.tensor(values, dtype=torch.float32)
+
+
+class RemoteReward:
+    """A reward service over HTTP: POST with a timeout, bounded retries with backoff."""
+
+    def __init__(self, url: str, timeout: float, retries: int):
+        self.url, self.timeout, self.retries = url, timeout, retries
+
+    def __call__(self, prompts: list[str], responses: list[str], labels: list[Any]) -> torch.Tensor:
+        body = json.dumps({"prompts": prompts, "responses": responses, "labels": labels, "queries": [p + r for p, r in zip(prompts, responses)]}).encode()
+        last_error = ""
+        for attempt in range(self.retries + 1):
+            if attempt:
+                time.sleep(min(2.0**attempt * 0.25, 10.0))
+            request = urllib.request.Request(self.url, data=body, headers={"Content-Type": "application/json"}, method="POST")
+            try:
+                with urllib.request.urlopen(request, timeout=self.timeout) as answer:
+                    payload = json.loads(answer.read())
+                break
+            except (urllib.error.URLError, OSError, json.JSONDecodeError) as err:
+                last_error = " ".join(str(getattr(err, "reason", err)).split())[:200]
+        else:
+            raise UserError(f"--remote_rm_url {self.url}: no answer after {self.retries + 1} tries (last error: {last_error})")
+        values = payload.get("rewards") if isinstance(payload, dict) else payload
+        return _check_rewards(values, len(responses), f"--remote_rm_url {self.url}")
 
 
 def parse_weights(weights: Optional[str], n_sources: int) -> list[float]:
@@ -57,7 +96,7 @@ def parse_weights(weights: Optional[str], n_sources: int) -> list[float]:
     except ValueError:
         raise UserError(f"--reward_weights must be comma-separated numbers, got {weights!r}") from None
     if len(values) != n_sources:
-        raise UserError(f"--reward_weights has {len(values)} values for {n_sources} reward sources (reward models, then --reward_func)")
+        raise UserError(f"--reward_weights has {len(values)} values for {n_sources} reward sources (reward models, then --remote_rm_url, then --reward_func)")
     return values
 
 

@@ -26,23 +26,17 @@ from rlhf.algos.preference import pairwise_logexp_loss, pairwise_sigmoid_loss
 from rlhf.config import RMConfig, parse_config
 from rlhf.data.batching import shard_for_eval
 from rlhf.data.preference import PairSample, collate_pairs, tokenize_pairs
-from rlhf.data.sources import holdout_split, load_mixture
+from rlhf.data.sources import load_train_eval
 from rlhf.dist.env import device, init_distributed
 from rlhf.dist.topology import Topology
 from rlhf.engines.train_engine import TrainEngine
-from rlhf.errors import exit_on_user_error
+from rlhf.errors import exit_on_user_error, run_program
 from rlhf.models.loading import load_reward_model, load_tokenizer
 from rlhf.trainer import Loop, all_reduce_sums, finish, plan_total_steps, run
 
 
 def load_pairs(cfg: RMConfig, tokenizer) -> tuple[list[PairSample], list[PairSample]]:
-    data = cfg.data
-    rows = load_mixture(data.dataset, data.dataset_probs, data.train_split, data.max_samples, cfg.train.seed)
-    if data.eval_dataset:
-        eval_rows = load_mixture(data.eval_dataset, None, data.eval_split, data.max_samples, cfg.train.seed)
-    else:
-        rows, eval_rows = holdout_split(rows, data.eval_holdout_ratio, cfg.train.seed)
-    return tokenize_pairs(rows, tokenizer, data), tokenize_pairs(eval_rows, tokenizer, data) if eval_rows else []
+    return load_train_eval(cfg.data, cfg.train.seed, lambda rows: tokenize_pairs(rows, tokenizer, cfg.data))
 
 
 def pair_rewards(engine: TrainEngine, pairs: list[PairSample], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -142,4 +136,4 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_program(main)

@@ -19,24 +19,18 @@ from rlhf.algos.losses import sft_nll_sum
 from rlhf.config import SFTConfig, parse_config
 from rlhf.data.batching import shard_for_eval
 from rlhf.data.sft import Sample, collate_packed, collate_padded, tokenize_sft
-from rlhf.data.sources import holdout_split, load_mixture
+from rlhf.data.sources import load_train_eval
 from rlhf.dist.env import device, init_distributed
 from rlhf.dist.topology import Topology
 from rlhf.engines.train_engine import TrainEngine
-from rlhf.errors import exit_on_user_error
+from rlhf.errors import exit_on_user_error, run_program
 from rlhf.trainer import Loop, all_reduce_sums, finish, plan_total_steps, run
 from rlhf.models.loading import load_causal_lm, load_tokenizer
 
 
 def load_samples(cfg: SFTConfig, tokenizer) -> tuple[list[Sample], list[Sample]]:
     """Rows from the configured sources -> tokenized train and eval samples."""
-    data = cfg.data
-    rows = load_mixture(data.dataset, data.dataset_probs, data.train_split, data.max_samples, cfg.train.seed)
-    if data.eval_dataset:
-        eval_rows = load_mixture(data.eval_dataset, None, data.eval_split, data.max_samples, cfg.train.seed)
-    else:
-        rows, eval_rows = holdout_split(rows, data.eval_holdout_ratio, cfg.train.seed)
-    return tokenize_sft(rows, tokenizer, data), tokenize_sft(eval_rows, tokenizer, data) if eval_rows else []
+    return load_train_eval(cfg.data, cfg.train.seed, lambda rows: tokenize_sft(rows, tokenizer, cfg.data))
 
 
 def batch_tensors(samples: list[Sample], pad_id: int, packed: bool) -> dict[str, torch.Tensor]:
@@ -117,4 +111,4 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_program(main)

@@ -137,4 +137,5 @@ def finish(engine: TrainEngine, tokenizer: Any, cfg: Any, launch: LaunchEnv, ext
 
         upload_folder(cfg.ckpt.save_path, cfg.ckpt.s3_save_path)
     dist.barrier()
+    engine.engine.destroy()  # drop ZeRO-3 hooks before their process group goes
     dist.destroy_process_group()

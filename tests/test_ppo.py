@@ -111,3 +111,69 @@ def test_ppo_bad_reward_function(tmp_path, body, expected):
     lines = error_lines(proc.stderr)
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-3000:]
     assert expected in lines[0]
+
+
+@pytest.fixture
+def reward_server():
+    """A real HTTP reward service on loopback: reward = number of characters of the response."""
+    import http.server
+    import json as _json
+    import threading
+
+    calls = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            body = _json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            calls.append(len(body["responses"]))
+            answer = _json.dumps({"rewards": [float(len(r)) for r in body["responses"]]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(answer)))
+            self.end_headers()
+            self.wfile.write(answer)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/score", calls
+    finally:
+        server.shutdown()
+
+
+def test_two_reward_models_remote_service_and_function_combine(sft_tiny_model, tmp_path, reward_server):
+    """Every source is scored and logged; the reward is their weighted sum."""
+    url, calls = reward_server
+    weights = (0.5, 0.25, 0.1, 2.0)  # reward model 0, reward model 1, remote, function
+    run_trainer("rlhf.ppo", ppo_args(
+        sft_tiny_model, tmp_path, "--max_steps", "2", "--eval_prompt_data", "None",
+        "--reward_pretrain", f"{sft_tiny_model},{sft_tiny_model}", "--remote_rm_url", url,
+        "--reward_weights", ",".join(map(str, weights)), "--reward_clip_range", "-1000", "1000",
+    ))
+    assert sum(calls) == 2 * 16 * 8  # 2 steps x 16 prompts x 8 samples, over both ranks
+    for r in [r for r in read_jsonl(tmp_path / "model" / "metrics.jsonl") if "reward" in r]:
+        sources = [r["reward_model0"], r["reward_model1"], r["reward_remote"], r["reward_func"]]
+        # (the two reward models differ: a causal-LM checkpoint gets a fresh score head per load)
+        assert r["reward_model0"] != r["reward_model1"]
+        assert r["reward_remote"] == pytest.approx(r["response_length"] - 1, abs=0.5)  # chars without EOS
+        assert r["reward"] == pytest.approx(sum(w * s for w, s in zip(weights, sources)), abs=1e-4)
+
+
+def test_unreachable_remote_rm_is_a_clear_error(tmp_path):
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = run_trainer("rlhf.ppo", [
+        "--config", "configs/grpo_tiny.yaml", "--pretrain", "embedded:tiny-qwen2", "--reward_func", "None",
+        "--remote_rm_url", f"http://127.0.0.1:{port}/score", "--remote_rm_retries", "1", "--remote_rm_timeout", "2",
+        "--max_steps", "1", "--eval_prompt_data", "None", "--save_path", str(tmp_path / "out"),
+    ], nproc=0, check=False)
+    lines = error_lines(proc.stderr)
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-3000:]
+    assert f"--remote_rm_url http://127.0.0.1:{port}/score: no answer after 2 tries" in lines[0]

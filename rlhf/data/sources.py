@@ -26,7 +26,7 @@ import os
 import random
 import re
 from pathlib import Path
-from typing import Optional
+from typing import Any, Callable, Optional
 
 import rlhf
 from rlhf.errors import UserError
@@ -352,3 +352,14 @@ def holdout_split(rows: list[dict], ratio: float, seed: int) -> tuple[list[dict]
     train = [r for i, r in enumerate(rows) if i not in eval_idx]
     held = [r for i, r in enumerate(rows) if i in eval_idx]
     return train, held
+
+
+def load_train_eval(data_cfg: Any, seed: int, tokenize: Callable[[list[dict]], list]) -> tuple[list, list]:
+    """Training and eval examples of a trainer: --dataset (mixed), and --eval_dataset or a
+    --eval_holdout_ratio share of the training rows; ``tokenize`` turns rows into examples."""
+    rows = load_mixture(data_cfg.dataset, data_cfg.dataset_probs, data_cfg.train_split, data_cfg.max_samples, seed)
+    if data_cfg.eval_dataset:
+        eval_rows = load_mixture(data_cfg.eval_dataset, None, data_cfg.eval_split, data_cfg.max_samples, seed)
+    else:
+        rows, eval_rows = holdout_split(rows, data_cfg.eval_holdout_ratio, seed)
+    return tokenize(rows), tokenize(eval_rows) if eval_rows else []

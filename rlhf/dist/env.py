@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import re
 import socket
+import warnings
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Mapping, Optional
@@ -26,6 +27,10 @@ import torch
 import torch.distributed as dist
 
 from rlhf.errors import UserError
+
+# DeepSpeed still calls torch.distributed's *_tensor collectives, which torch 2.13 marks as
+# deprecated on every call: thousands of lines that hide real messages.
+warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
 
 
 @dataclass(frozen=True)
