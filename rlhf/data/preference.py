@@ -25,7 +25,6 @@ with the prompt and completion as in SFT (strings, or messages lists with the ch
 
 from __future__ import annotations
 
-import logging
 import random
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -35,6 +34,7 @@ import torch
 from rlhf.config import PreferenceDataConfig
 from rlhf.data.sft import (
     Sample,
+    report_tokenized,
     _chat_ids,
     _chat_template,
     _encode,
@@ -53,7 +53,6 @@ from rlhf.data.sft import (
 from rlhf.data.sources import WHERE_KEY
 from rlhf.errors import UserError
 
-logger = logging.getLogger(__name__)
 
 # The turn marker of Anthropic's HH-RLHF dialogues; the response starts right after the last one.
 HH_ASSISTANT_MARKER = "\n\nAssistant:"
@@ -122,16 +121,7 @@ def tokenize_pairs(rows: list[dict], tokenizer, cfg: PreferenceDataConfig) -> li
             truncated += 1
         (_, c_ids, c_mask), (_, r_ids, r_mask) = sides
         pairs.append(PairSample(chosen=_sample(c_ids, c_mask), rejected=_sample(r_ids, r_mask), margin=margin))
-    if skipped:
-        logger.info("--preprocess_fn skipped %d of %d rows", skipped, len(rows))
-    if truncated:
-        logger.info("truncated %d pairs to --max_len %d", truncated, cfg.max_len)
-    if dropped:
-        logger.warning("dropped %d of %d pairs whose prompt alone fills --max_len %d", dropped, len(rows), cfg.max_len)
-    if not pairs:
-        if dropped:
-            raise UserError(f"all {dropped} pairs were dropped: every prompt is at least --max_len {cfg.max_len} tokens")
-        raise UserError("no preference pairs to train on: --preprocess_fn skipped every row")
+    report_tokenized("pairs", len(pairs), len(rows), skipped, truncated, dropped, cfg.max_len)
     return pairs
 
 
@@ -341,16 +331,7 @@ def tokenize_unpaired(rows: list[dict], tokenizer, cfg: PreferenceDataConfig) ->
             ids, mask = ids[: cfg.max_len], mask[: cfg.max_len]
             truncated += 1
         samples.append(UnpairedSample(sample=_sample(ids, mask), desirable=label, prompt_len=prompt_len))
-    if skipped:
-        logger.info("--preprocess_fn skipped %d of %d rows", skipped, len(rows))
-    if truncated:
-        logger.info("truncated %d samples to --max_len %d", truncated, cfg.max_len)
-    if dropped:
-        logger.warning("dropped %d of %d samples whose prompt alone fills --max_len %d", dropped, len(rows), cfg.max_len)
-    if not samples:
-        if dropped:
-            raise UserError(f"all {dropped} samples were dropped: every prompt is at least --max_len {cfg.max_len} tokens")
-        raise UserError("no samples to train on: --preprocess_fn skipped every row")
+    report_tokenized("samples", len(samples), len(rows), skipped, truncated, dropped, cfg.max_len)
     return samples
 
 

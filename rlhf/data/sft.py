@@ -195,17 +195,22 @@ def tokenize_sft(rows: list[dict], tokenizer, cfg: DataConfig) -> list[Sample]:
             ids, mask = ids[: cfg.max_len], mask[: cfg.max_len]
             truncated += 1
         samples.append(_sample(ids, mask))
-    if skipped:
-        logger.info("--preprocess_fn skipped %d of %d rows", skipped, len(rows))
-    if truncated:
-        logger.info("truncated %d samples to --max_len %d", truncated, cfg.max_len)
-    if dropped:
-        logger.warning("dropped %d of %d samples whose prompt alone fills --max_len %d", dropped, len(rows), cfg.max_len)
-    if not samples:
-        if dropped:
-            raise UserError(f"all {dropped} samples were dropped: every prompt is at least --max_len {cfg.max_len} tokens")
-        raise UserError("no samples to train on: --preprocess_fn skipped every row")
+    report_tokenized("samples", len(samples), len(rows), skipped, truncated, dropped, cfg.max_len)
     return samples
+
+
+def report_tokenized(kind: str, kept: int, rows: int, skipped: int, truncated: int, dropped: int, max_len: int) -> None:
+    """Log what tokenization skipped, cut and dropped; no example left at all is a UserError."""
+    if skipped:
+        logger.info("--preprocess_fn skipped %d of %d rows", skipped, rows)
+    if truncated:
+        logger.info("truncated %d %s to --max_len %d", truncated, kind, max_len)
+    if dropped:
+        logger.warning("dropped %d of %d %s whose prompt alone fills --max_len %d", dropped, rows, kind, max_len)
+    if not kept:
+        if dropped:
+            raise UserError(f"all {dropped} {kind} were dropped: every prompt is at least --max_len {max_len} tokens")
+        raise UserError(f"no {kind} to train on: --preprocess_fn skipped every row")
 
 
 def _sample(ids: list[int], mask: list[int]) -> Sample:
