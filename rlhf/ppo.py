@@ -26,7 +26,6 @@ from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
-import torch.distributed as dist
 
 from rlhf.algos.losses import next_token_logprobs
 from rlhf.algos import ppo as ppo_math

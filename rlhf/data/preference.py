@@ -34,23 +34,21 @@ import torch
 from rlhf.config import PreferenceDataConfig
 from rlhf.data.sft import (
     Sample,
-    report_tokenized,
+    TokenizeCounts,
+    preprocessed_rows,
     _chat_ids,
     _chat_template,
     _encode,
     _field,
     _fill_input_template,
     _messages,
-    _preprocess,
     _sample,
     _sft_ids,
     _text_field,
     bos_to_prepend,
     collate_packed,
     collate_padded,
-    load_preprocess_fn,
 )
-from rlhf.data.sources import WHERE_KEY
 from rlhf.errors import UserError
 
 
@@ -88,17 +86,11 @@ def tokenize_pairs(rows: list[dict], tokenizer, cfg: PreferenceDataConfig) -> li
     side is an error (``--no-truncate``); a pair where either side keeps no response token is
     dropped, since a comparison with one side missing teaches nothing. Counts are logged.
     """
-    preprocess = load_preprocess_fn(cfg.preprocess_fn) if cfg.preprocess_fn else None
     template = _chat_template(tokenizer, cfg) if cfg.apply_chat_template else None
     bos_id = bos_to_prepend(tokenizer)
     pairs: list[PairSample] = []
-    skipped = dropped = truncated = 0
-    for index, raw in enumerate(rows):
-        where = raw.get(WHERE_KEY, f"row {index}")
-        row = _preprocess(preprocess, raw, where, cfg.preprocess_fn) if preprocess else raw
-        if row is None:
-            skipped += 1
-            continue
+    counts = TokenizeCounts(len(rows))
+    for where, row in preprocessed_rows(rows, cfg, counts):
         margin = _margin(row, where, cfg)
         sides = []
         for name, (ids, mask) in zip((cfg.chosen_key, cfg.rejected_key), _pair_ids(row, where, tokenizer, cfg, template)):
@@ -115,13 +107,13 @@ def tokenize_pairs(rows: list[dict], tokenizer, cfg: PreferenceDataConfig) -> li
                     "(raise --max_len, or drop --no-truncate to cut it)"
                 )
             if not all(any(mask[: cfg.max_len]) for _, _, mask in sides):
-                dropped += 1  # the prompt fills max_len on at least one side
+                counts.dropped += 1  # the prompt fills max_len on at least one side
                 continue
             sides = [(name, ids[: cfg.max_len], mask[: cfg.max_len]) for name, ids, mask in sides]
-            truncated += 1
+            counts.truncated += 1
         (_, c_ids, c_mask), (_, r_ids, r_mask) = sides
         pairs.append(PairSample(chosen=_sample(c_ids, c_mask), rejected=_sample(r_ids, r_mask), margin=margin))
-    report_tokenized("pairs", len(pairs), len(rows), skipped, truncated, dropped, cfg.max_len)
+    counts.report("pairs", len(pairs), cfg.max_len)
     return pairs
 
 
@@ -292,17 +284,11 @@ def tokenize_unpaired(rows: list[dict], tokenizer, cfg: PreferenceDataConfig) ->
     boolean in ``cfg.label_key``) into ``UnpairedSample``s; masks and truncation as in SFT."""
     if cfg.output_key is None:
         raise UserError("--output_key must name the completion field for KTO data")
-    preprocess = load_preprocess_fn(cfg.preprocess_fn) if cfg.preprocess_fn else None
     template = _chat_template(tokenizer, cfg) if cfg.apply_chat_template else None
     bos_id = bos_to_prepend(tokenizer)
     samples: list[UnpairedSample] = []
-    skipped = dropped = truncated = 0
-    for index, raw in enumerate(rows):
-        where = raw.get(WHERE_KEY, f"row {index}")
-        row = _preprocess(preprocess, raw, where, cfg.preprocess_fn) if preprocess else raw
-        if row is None:
-            skipped += 1
-            continue
+    counts = TokenizeCounts(len(rows))
+    for where, row in preprocessed_rows(rows, cfg, counts):
         label = _field(row, cfg.label_key, where, "--label_key")
         # Strict on purpose: 0/1 or "yes" columns are often scores or ratings, not labels, and
         # guessing their meaning would silently flip examples.
@@ -326,12 +312,12 @@ def tokenize_unpaired(rows: list[dict], tokenizer, cfg: PreferenceDataConfig) ->
                     "(raise --max_len, or drop --no-truncate to cut it)"
                 )
             if prompt_len >= cfg.max_len:
-                dropped += 1
+                counts.dropped += 1
                 continue
             ids, mask = ids[: cfg.max_len], mask[: cfg.max_len]
-            truncated += 1
+            counts.truncated += 1
         samples.append(UnpairedSample(sample=_sample(ids, mask), desirable=label, prompt_len=prompt_len))
-    report_tokenized("samples", len(samples), len(rows), skipped, truncated, dropped, cfg.max_len)
+    counts.report("samples", len(samples), cfg.max_len)
     return samples
 
 

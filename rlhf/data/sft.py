@@ -25,7 +25,7 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 
@@ -162,17 +162,11 @@ def tokenize_sft(rows: list[dict], tokenizer, cfg: DataConfig) -> list[Sample]:
     (``--no-truncate``); a row whose prompt alone fills ``max_len`` has no target left and is
     dropped; the counts are logged. Pre-training texts are split into ``max_len`` chunks.
     """
-    preprocess = load_preprocess_fn(cfg.preprocess_fn) if cfg.preprocess_fn else None
     template = _chat_template(tokenizer, cfg) if cfg.apply_chat_template and not cfg.pretrain_mode else None
     bos_id = bos_to_prepend(tokenizer)
     samples: list[Sample] = []
-    skipped = dropped = truncated = 0
-    for index, raw in enumerate(rows):
-        where = raw.get(WHERE_KEY, f"row {index}")
-        row = _preprocess(preprocess, raw, where, cfg.preprocess_fn) if preprocess else raw
-        if row is None:
-            skipped += 1
-            continue
+    counts = TokenizeCounts(len(rows))
+    for where, row in preprocessed_rows(rows, cfg, counts):
         if cfg.pretrain_mode:
             samples.extend(_pretrain_chunks(row, where, tokenizer, cfg, bos_id))
             continue
@@ -190,27 +184,48 @@ def tokenize_sft(rows: list[dict], tokenizer, cfg: DataConfig) -> list[Sample]:
                     "(raise --max_len, or drop --no-truncate to cut it)"
                 )
             if not any(mask[: cfg.max_len]):
-                dropped += 1  # the prompt fills max_len: no response token would survive
+                counts.dropped += 1  # the prompt fills max_len: no response token would survive
                 continue
             ids, mask = ids[: cfg.max_len], mask[: cfg.max_len]
-            truncated += 1
+            counts.truncated += 1
         samples.append(_sample(ids, mask))
-    report_tokenized("samples", len(samples), len(rows), skipped, truncated, dropped, cfg.max_len)
+    counts.report("samples", len(samples), cfg.max_len)
     return samples
 
 
-def report_tokenized(kind: str, kept: int, rows: int, skipped: int, truncated: int, dropped: int, max_len: int) -> None:
-    """Log what tokenization skipped, cut and dropped; no example left at all is a UserError."""
-    if skipped:
-        logger.info("--preprocess_fn skipped %d of %d rows", skipped, rows)
-    if truncated:
-        logger.info("truncated %d %s to --max_len %d", truncated, kind, max_len)
-    if dropped:
-        logger.warning("dropped %d of %d %s whose prompt alone fills --max_len %d", dropped, rows, kind, max_len)
-    if not kept:
-        if dropped:
-            raise UserError(f"all {dropped} {kind} were dropped: every prompt is at least --max_len {max_len} tokens")
-        raise UserError(f"no {kind} to train on: --preprocess_fn skipped every row")
+@dataclass
+class TokenizeCounts:
+    """What tokenization did to the rows of one dataset, reported once at the end."""
+
+    rows: int
+    skipped: int = 0  # --preprocess_fn returned None
+    truncated: int = 0  # cut to --max_len
+    dropped: int = 0  # the prompt alone fills --max_len: no target token would survive
+
+    def report(self, kind: str, kept: int, max_len: int) -> None:
+        """Log the counts; no example left at all is a UserError."""
+        if self.skipped:
+            logger.info("--preprocess_fn skipped %d of %d rows", self.skipped, self.rows)
+        if self.truncated:
+            logger.info("truncated %d %s to --max_len %d", self.truncated, kind, max_len)
+        if self.dropped:
+            logger.warning("dropped %d of %d %s whose prompt alone fills --max_len %d", self.dropped, self.rows, kind, max_len)
+        if not kept:
+            if self.dropped:
+                raise UserError(f"all {self.dropped} {kind} were dropped: every prompt is at least --max_len {max_len} tokens")
+            raise UserError(f"no {kind} to train on: --preprocess_fn skipped every row")
+
+
+def preprocessed_rows(rows: list[dict], cfg: DataConfig, counts: TokenizeCounts) -> Iterator[tuple[str, dict]]:
+    """(location, row) for every row after the --preprocess_fn hook; rows it skips are counted."""
+    preprocess = load_preprocess_fn(cfg.preprocess_fn) if cfg.preprocess_fn else None
+    for index, raw in enumerate(rows):
+        where = raw.get(WHERE_KEY, f"row {index}")
+        row = _preprocess(preprocess, raw, where, cfg.preprocess_fn) if preprocess else raw
+        if row is None:
+            counts.skipped += 1
+            continue
+        yield where, row
 
 
 def _sample(ids: list[int], mask: list[int]) -> Sample:
