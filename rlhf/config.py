@@ -501,14 +501,79 @@ class PPOAlgoConfig:
 
 
 @dataclass
+class PlacementConfig:
+    """Which ranks run which role. Without per-role counts every role runs on every rank
+    (colocated); with them, roles sit on consecutive rank ranges in the order actor, critic,
+    reward, reference (split). Counts of roles the run does not use are ignored."""
+
+    actor_num_nodes: int = 1
+    """Nodes of the actor role (split placement: ranks = nodes x GPUs per node)."""
+    actor_num_gpus_per_node: Optional[int] = None
+    """GPUs (ranks) per node of the actor role; giving any role's count selects the split placement."""
+    critic_num_nodes: int = 1
+    """Nodes of the critic role (gae only)."""
+    critic_num_gpus_per_node: Optional[int] = None
+    """GPUs per node of the critic role."""
+    reward_num_nodes: int = 1
+    """Nodes of the reward-model role (with --reward_pretrain)."""
+    reward_num_gpus_per_node: Optional[int] = None
+    """GPUs per node of the reward-model role (all reward models share these ranks)."""
+    ref_num_nodes: int = 1
+    """Nodes of the reference role."""
+    ref_num_gpus_per_node: Optional[int] = None
+    """GPUs per node of the reference role (no reference with LoRA: the actor's base model is it)."""
+    colocate_actor_ref: bool = False
+    """Split placement: the reference shares the actor's ranks."""
+    colocate_critic_reward: bool = False
+    """Split placement: the reward models share the critic's ranks."""
+    colocate_ref_reward: bool = False
+    """Split placement: the reference and the reward models share ranks."""
+    colocate_all_models: bool = False
+    """Every role on every rank (the default when no per-role count is given)."""
+
+    FLAG_PREFIX = {"actor": "actor", "critic": "critic", "reward": "reward", "reference": "ref"}
+
+    def validate(self) -> None:
+        for role, prefix in self.FLAG_PREFIX.items():
+            nodes, gpus = getattr(self, f"{prefix}_num_nodes"), getattr(self, f"{prefix}_num_gpus_per_node")
+            if nodes < 1 or (gpus is not None and gpus < 1):
+                raise UserError(f"--{prefix}_num_nodes and --{prefix}_num_gpus_per_node must be >= 1, got {nodes} and {gpus}")
+
+    @property
+    def is_split(self) -> bool:
+        return not self.colocate_all_models and any(getattr(self, f"{p}_num_gpus_per_node") is not None for p in self.FLAG_PREFIX.values())
+
+    def shared_roles(self, roles: Sequence[str]) -> list[tuple[str, ...]]:
+        """Groups of roles in use that share ranks (--colocate_actor_ref and friends)."""
+        pairs = [(self.colocate_actor_ref, ("actor", "reference")), (self.colocate_critic_reward, ("critic", "reward")), (self.colocate_ref_reward, ("reward", "reference"))]
+        return [pair for wanted, pair in pairs if wanted and all(r in roles for r in pair)]
+
+    def role_sizes(self, roles: Sequence[str]) -> dict[str, int]:
+        """Ranks per role in use (nodes x GPUs per node); a role sharing ranks may leave its count out."""
+        sizes = {}
+        for role in roles:
+            prefix = self.FLAG_PREFIX[role]
+            if (gpus := getattr(self, f"{prefix}_num_gpus_per_node")) is not None:
+                sizes[role] = getattr(self, f"{prefix}_num_nodes") * gpus
+        for role in roles:
+            group = next((g for g in self.shared_roles(roles) if role in g), (role,))
+            given = [sizes[r] for r in group if r in sizes]
+            if not given:
+                raise UserError(f"split placement: this run uses roles {', '.join(roles)}; give --{self.FLAG_PREFIX[role]}_num_gpus_per_node (or --colocate_all_models)")
+            sizes.setdefault(role, given[0])  # a role sharing ranks takes its partner's count
+        return sizes
+
+
+@dataclass
 class PPOConfig:
-    """PPO and its critic-free cousins (GRPO, RLOO, REINFORCE++), colocated on every rank."""
+    """PPO and its critic-free cousins (GRPO, RLOO, REINFORCE++); roles colocated on every rank or split over rank ranges."""
 
     model: Annotated[ModelConfig, Flat] = field(default_factory=ModelConfig)
     data: Annotated[PromptDataConfig, Flat] = field(default_factory=PromptDataConfig)
     rollout: Annotated[RolloutConfig, Flat] = field(default_factory=RolloutConfig)
     algo: Annotated[PPOAlgoConfig, Flat] = field(default_factory=PPOAlgoConfig)
     train: Annotated[TrainConfig, Flat] = field(default_factory=TrainConfig)
+    placement: Annotated[PlacementConfig, Flat] = field(default_factory=PlacementConfig)
     ckpt: Annotated[CheckpointConfig, Flat] = field(default_factory=CheckpointConfig)
     log: Annotated[LoggingConfig, Flat] = field(default_factory=LoggingConfig)
 

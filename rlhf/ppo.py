@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
+import torch.distributed as dist
 
 from rlhf.algos.losses import next_token_logprobs
 from rlhf.algos import ppo as ppo_math
@@ -33,8 +34,10 @@ from rlhf.config import ModelConfig, PPOConfig, parse_config
 from rlhf.data.prompts import Prompt, load_prompts
 from rlhf.data.sft import Sample, collate_padded
 from rlhf.dist.env import device, init_distributed
-from rlhf.dist.topology import Topology
+from rlhf.dist.exchange import SampleRouter
+from rlhf.dist.topology import RoleGroups, Topology
 from rlhf.engines.frozen_engine import FrozenEngine
+from rlhf.engines.subgroups import SlotParallel, confine_deepspeed_to
 from rlhf.engines.train_engine import TrainEngine
 from rlhf.errors import UserError, exit_on_user_error, run_program
 from rlhf.io.checkpoint import export_hf, latest_checkpoint, load_checkpoint, save_checkpoint
@@ -42,21 +45,44 @@ from rlhf.metrics import MetricsLogger, metric_series, plot_metrics, read_metric
 from rlhf.models.loading import load_causal_lm, load_reward_model, load_tokenizer
 from rlhf.rewards import RemoteReward, RewardFunction, combine, normalise_score, parse_weights
 from rlhf.rollout.hf import HFGenerator
-from rlhf.trainer import all_reduce_sums, finish
+from rlhf.trainer import all_reduce_sums, all_reduce_tensor, finish
 
 CRITIC_ESTIMATORS = ("gae",)
 
 
 @dataclass
-class Experience:
-    """One rank's rollout batch. Per-token tensors are [B, T-1]: entry t-1 scores token t."""
+class RoleEngines:
+    """This rank's engines (None / empty for roles held by other ranks) and how to reach the rest."""
 
-    batch: dict[str, torch.Tensor]  # input_ids, attention_mask [B, T]; loss_mask = action tokens
+    actor: Optional[TrainEngine]
+    critic: Optional[TrainEngine]
+    reference: Optional[FrozenEngine]  # None on reference ranks only with LoRA (the actor's base is the reference)
+    reward_models: list[FrozenEngine]
+    router: SampleRouter
+    groups: RoleGroups
+
+    def group(self, role: str):
+        return self.groups.group(role)
+
+
+@dataclass
+class ActorBatch:
+    """An actor rank's share of the rollout. Per-token tensors are [B, T-1]: entry t-1 scores token t."""
+
+    batch: dict[str, torch.Tensor]  # input_ids, attention_mask, loss_mask [B, T]
     action_mask: torch.Tensor  # [B, T-1]
     old_logp: torch.Tensor  # [B, T-1]
     ref_logp: torch.Tensor  # [B, T-1]
-    values: Optional[torch.Tensor]  # [B, T-1] (gae only)
     advantages: torch.Tensor  # [B, T-1]
+
+
+@dataclass
+class CriticBatch:
+    """A critic rank's share of the rollout: the values it predicted and the returns to regress on."""
+
+    batch: dict[str, torch.Tensor]
+    action_mask: torch.Tensor  # [B, T-1]
+    values: torch.Tensor  # [B, T-1] at rollout time (the value clip's anchor)
     returns: torch.Tensor  # [B, T-1]
 
 
@@ -85,30 +111,91 @@ def in_micro_batches(batch: dict[str, torch.Tensor], size: int):
         yield slice(start, start + size), {k: v[start : start + size] for k, v in batch.items()}
 
 
+def to_batch(samples: list[Sample], pad_id: int) -> dict[str, torch.Tensor]:
+    return {k: v.to(device()) for k, v in collate_padded(samples, pad_id).items()}
+
+
+@torch.no_grad()
+def per_token_rows(fn, samples: list[Sample], pad_id: int, micro: int) -> list[torch.Tensor]:
+    """``fn(micro_batch) -> [b, T-1]`` over ``samples``, cut back to one CPU row per sample
+    (length len(sample) - 1), so rows can travel between ranks whose batches pad differently."""
+    if not samples:
+        return []
+    rows = []
+    for _, mb in in_micro_batches(to_batch(samples, pad_id), micro):
+        out = fn(mb).float().cpu()  # [b, T-1]
+        lengths = mb["attention_mask"].sum(-1).tolist()
+        rows += [out[i, : n - 1] for i, n in enumerate(lengths)]
+    return rows
+
+
+def padded(rows: list[torch.Tensor], width: int) -> torch.Tensor:
+    """Rows of different lengths -> [B, width] on the device, zero after each row."""
+    out = torch.zeros(len(rows), width)
+    for i, row in enumerate(rows):
+        out[i, : row.numel()] = row
+    return out.to(device())
+
+
+@torch.no_grad()
+def reward_model_scores(cfg: PPOConfig, reward_models: list[FrozenEngine], samples: list[Sample], pad_id: int) -> list[list[float]]:
+    """Each sample's score from every reward model ([k] per sample), normalised if asked."""
+    if not samples:
+        return []
+    per_model = []
+    for rm in reward_models:
+        scores = []
+        for _, mb in in_micro_batches(to_batch(samples, pad_id), cfg.rollout.micro_rollout_batch_size):
+            scores.append(rm(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"]).logits.squeeze(-1).float().cpu())
+        score = torch.cat(scores)
+        per_model.append(normalise_score(score, rm.module.config) if cfg.algo.normalize_reward else score)
+    return torch.stack(per_model, dim=1).tolist()
+
+
 # ----------------------------------------------------------------------------------------------
 # Experience
 
 
 class Scorer:
-    """Everything that scores a rollout: reference, critic, reward models, reward function."""
+    """Everything that scores a rollout: reference, critic, reward models, reward function, remote RM.
 
-    def __init__(self, cfg: PPOConfig, tokenizer, reference, critic, reward_models, remote, reward_fn, kl_ctl):
-        self.cfg, self.tokenizer = cfg, tokenizer
-        self.reference, self.critic, self.reward_models, self.kl_ctl = reference, critic, reward_models, kl_ctl
+    ``score`` is collective: the actor ranks' samples go to the ranks of each scoring role and the
+    results come back (``SampleRouter``); text rewards run on the actor ranks, which hold the prompts.
+    """
+
+    def __init__(self, cfg: PPOConfig, tokenizer, roles: RoleEngines, remote, reward_fn, kl_ctl):
+        self.cfg, self.tokenizer, self.roles, self.kl_ctl = cfg, tokenizer, roles, kl_ctl
+        self.pad_id = tokenizer.pad_token_id
         self.text_sources = {name: fn for name, fn in (("reward_remote", remote), ("reward_func", reward_fn)) if fn is not None}
-        self.weights = parse_weights(cfg.algo.reward_weights, len(reward_models) + len(self.text_sources))
+        self.num_reward_models = len(cfg.algo.reward_pretrain.split(",")) if cfg.algo.reward_pretrain else 0
+        self.weights = parse_weights(cfg.algo.reward_weights, self.num_reward_models + len(self.text_sources))
 
-    def rewards(self, prompts: list[Prompt], responses: list[list[int]], batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Combined sequence rewards [B] and each source's [B]."""
+    @property
+    def source_names(self) -> list[str]:
+        return [f"reward_model{k}" for k in range(self.num_reward_models)] + list(self.text_sources)
+
+    def score(self, samples: list[Sample], roles: Sequence[str]) -> tuple[dict[str, list], dict[str, list], dict[str, list]]:
+        """Collective. Run each of ``roles`` (reference, critic, reward) on its ranks' share of the
+        actor ranks' ``samples``. Returns per role: the results for this actor rank's samples, this
+        rank's own share of samples, and this rank's results for that share (what a critic rank
+        trains on)."""
+        micro, r = self.cfg.rollout.micro_rollout_batch_size, self.roles
+        shares = r.router.share(samples, roles)
+        results: dict[str, list] = {}
+        if "reference" in shares:
+            results["reference"] = per_token_rows(lambda mb: policy_logp(r.reference, mb)[0], shares["reference"], self.pad_id, micro)
+        if "critic" in shares:
+            results["critic"] = per_token_rows(lambda mb: token_values(r.critic, mb), shares["critic"], self.pad_id, micro)
+        if "reward" in shares:
+            results["reward"] = reward_model_scores(self.cfg, r.reward_models, shares["reward"], self.pad_id)
+        return r.router.collect(results, roles), shares, results
+
+    def rewards(self, prompts: list[Prompt], responses: list[list[int]], rm_scores: list[list[float]]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """On actor ranks: combined sequence rewards [B] and each source's [B]."""
         per_source: dict[str, torch.Tensor] = {}
-        for k, rm in enumerate(self.reward_models):
-            scores = []
-            for _, mb in in_micro_batches(batch, self.cfg.rollout.micro_rollout_batch_size):
-                scores.append(rm(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"]).logits.squeeze(-1).float())
-            score = torch.cat(scores).cpu()
-            if self.cfg.algo.normalize_reward:
-                score = normalise_score(score, rm.module.config)
-            per_source[f"reward_model{k}"] = score
+        if self.num_reward_models:
+            scores = torch.tensor(rm_scores, dtype=torch.float32).view(len(responses), self.num_reward_models)
+            per_source.update({f"reward_model{k}": scores[:, k] for k in range(self.num_reward_models)})
         if self.text_sources:
             texts = [self.tokenizer.decode(r, skip_special_tokens=True) for r in responses]
             for name, source in self.text_sources.items():
@@ -116,109 +203,130 @@ class Scorer:
         return combine(list(per_source.values()), self.weights, self.cfg.algo.reward_clip_range), per_source
 
 
-def make_experience(cfg: PPOConfig, actor: TrainEngine, generator: HFGenerator, scorer: Scorer, prompts: list[Prompt], pad_id: int, timings: dict) -> tuple[Experience, dict[str, float]]:
-    """Generate n responses per prompt, score them, and turn rewards into advantages."""
-    n = cfg.rollout.n_samples_per_prompt
+def scoring_roles(topology: Topology, use_reference_engine: bool) -> list[str]:
+    return [role for role in ("reference", "critic", "reward") if role in topology.roles and (role != "reference" or use_reference_engine)]
+
+
+def make_experience(cfg: PPOConfig, roles: RoleEngines, generator: Optional[HFGenerator], scorer: Scorer, prompts: list[Prompt], timings: dict) -> tuple[Optional[ActorBatch], Optional[CriticBatch], dict[str, float]]:
+    """Collective. Generate n responses per prompt on the actor ranks, score them on every role's
+    ranks, and turn rewards into advantages (actor ranks) and returns (critic ranks)."""
+    n, pad_id, actor = cfg.rollout.n_samples_per_prompt, scorer.pad_id, roles.actor
     expanded = [p for p in prompts for _ in range(n)]  # the n samples of a prompt stay together
+    samples: list[Sample] = []
+    stats: dict[str, float] = dict.fromkeys(["reward", "kl", "response_length", "truncated", "samples", *scorer.source_names], 0.0)
     started = time.perf_counter()
-    gen = generator.generate([p.ids for p in expanded])
-    timings["generate"] = time.perf_counter() - started
+    if actor is not None:
+        gen = generator.generate([p.ids for p in expanded])
+        samples = [Sample(p.ids + r, [0] * len(p.ids) + [1] * len(r)) for p, r in zip(expanded, gen.responses)]
+        timings["sync"] = gen.sync_seconds
+    timings["generate"] = time.perf_counter() - started - timings.get("sync", 0.0)
 
     started = time.perf_counter()
-    samples = [Sample(p.ids + r, [0] * len(p.ids) + [1] * len(r)) for p, r in zip(expanded, gen.responses)]
-    batch = {k: v.to(device()) for k, v in collate_padded(samples, pad_id).items()}
-    action_mask = batch["loss_mask"][:, 1:].float()  # [B, T-1]
-    with torch.no_grad():
-        old_logp, ref_logp, values = [], [], []
-        for _, mb in in_micro_batches(batch, cfg.rollout.micro_rollout_batch_size):
-            old_logp.append(policy_logp(actor, mb)[0])
-            if scorer.reference is not None:
-                ref_logp.append(policy_logp(scorer.reference, mb)[0])
+    score_roles = scoring_roles(roles.groups.topology, use_reference_engine=cfg.model.lora_rank == 0)
+    results, shares, own_results = scorer.score(samples, score_roles)
+    actor_batch = None
+    returns_rows: list[torch.Tensor] = []
+    if actor is not None:
+        batch = to_batch(samples, pad_id)
+        action_mask = batch["loss_mask"][:, 1:].float()  # [B, T-1]
+        width = action_mask.size(1)
+        with torch.no_grad():
+            old_logp = torch.cat([policy_logp(actor, mb)[0] for _, mb in in_micro_batches(batch, cfg.rollout.micro_rollout_batch_size)])
+            if "reference" in results:
+                ref_logp = padded(results["reference"], width)
             else:  # LoRA: the reference is the base model, i.e. the actor with its adapter off
                 with actor.module.disable_adapter():
-                    ref_logp.append(policy_logp(actor, mb)[0])
-            if scorer.critic is not None:
-                values.append(token_values(scorer.critic, mb))
-        old_logp, ref_logp = torch.cat(old_logp), torch.cat(ref_logp)
-        values_t = torch.cat(values) if values else None
-        seq_reward, per_source = scorer.rewards(expanded, gen.responses, batch)
-    hit_limit = torch.tensor([not f for f in gen.finished])
-    seq_reward = ppo_math.overlong_penalty(seq_reward, hit_limit, cfg.algo.overlong_penalty).to(device())
+                    ref_logp = torch.cat([policy_logp(actor, mb)[0] for _, mb in in_micro_batches(batch, cfg.rollout.micro_rollout_batch_size)])
+        values = padded(results["critic"], width) if "critic" in results else None
+        seq_reward, per_source = scorer.rewards(expanded, gen.responses, results.get("reward", [[]] * len(samples)))
+        hit_limit = torch.tensor([not f for f in gen.finished])
+        seq_reward = ppo_math.overlong_penalty(seq_reward, hit_limit, cfg.algo.overlong_penalty).to(device())
 
-    kl = ppo_math.kl_estimate(old_logp, ref_logp, cfg.algo.kl_estimator) * action_mask  # [B, T-1]
-    kl_coef = 0.0 if cfg.algo.use_kl_loss else scorer.kl_ctl.value  # GRPO puts the KL in the loss instead
-    estimator = ppo_math.get_estimator(cfg.algo.advantage_estimator)
-    advantages, returns = estimator(
-        ppo_math.AdvantageInputs(
-            token_rewards=ppo_math.token_rewards(seq_reward, kl, action_mask, kl_coef), seq_rewards=seq_reward,
-            action_mask=action_mask, values=values_t, n_samples_per_prompt=n, gamma=cfg.algo.gamma, lambd=cfg.algo.lambd,
+        kl = ppo_math.kl_estimate(old_logp, ref_logp, cfg.algo.kl_estimator) * action_mask  # [B, T-1]
+        kl_coef = 0.0 if cfg.algo.use_kl_loss else scorer.kl_ctl.value  # GRPO puts the KL in the loss instead
+        estimator = ppo_math.get_estimator(cfg.algo.advantage_estimator)
+        advantages, returns = estimator(
+            ppo_math.AdvantageInputs(
+                token_rewards=ppo_math.token_rewards(seq_reward, kl, action_mask, kl_coef), seq_rewards=seq_reward,
+                action_mask=action_mask, values=values, n_samples_per_prompt=n, gamma=cfg.algo.gamma, lambd=cfg.algo.lambd,
+                sum_over_shards=lambda t: all_reduce_tensor(t, roles.group("actor")),
+            )
         )
-    )
+        actor_batch = ActorBatch(batch, action_mask, old_logp, ref_logp, advantages.detach())
+        returns_rows = [returns[i, : len(s) - 1].cpu() for i, s in enumerate(samples)] if values is not None else []
+        stats.update(
+            reward=seq_reward.sum().item(), kl=kl.sum().item(), response_length=action_mask.sum().item(),
+            truncated=hit_limit.float().sum().item(), samples=float(len(samples)),
+            **{name: r.sum().item() for name, r in per_source.items()},
+        )
+
+    critic_batch = None
+    if "critic" in score_roles:  # the returns go to the critic's ranks, which kept their share
+        critic_returns = roles.router.share(returns_rows, ["critic"])
+        if roles.critic is not None:
+            share = shares["critic"]
+            batch = to_batch(share, pad_id)
+            width = batch["input_ids"].size(1) - 1
+            critic_batch = CriticBatch(batch, batch["loss_mask"][:, 1:].float(), padded(own_results["critic"], width), padded(critic_returns["critic"], width))
     timings["score"] = time.perf_counter() - started
-
-    lengths = action_mask.sum(-1)
-    stats = {
-        "reward": seq_reward.sum().item(),
-        "kl": (kl.sum(-1)).sum().item(),
-        "response_length": lengths.sum().item(),
-        "truncated": hit_limit.float().sum().item(),
-        "samples": float(len(samples)),
-    }
-    stats.update({name: r.sum().item() for name, r in per_source.items()})
-    experience = Experience(batch, action_mask, old_logp, ref_logp, values_t, advantages.detach(), returns.detach())
-    return experience, stats
-
-
+    return actor_batch, critic_batch, stats
 # ----------------------------------------------------------------------------------------------
 # Training on one rollout batch
 
 
-def train_on(cfg: PPOConfig, exp: Experience, actor: TrainEngine, critic: Optional[TrainEngine], kl_coef: float, train_actor: bool, seed: int) -> dict[str, float]:
-    """``--ppo_epochs`` passes of optimizer steps over this rank's experience; metric sums."""
-    n_local = exp.action_mask.size(0)
-    per_step = cfg.train.train_batch_size // actor.dp_size  # samples per rank per optimizer step
-    micro = cfg.train.micro_train_batch_size
-    lo, hi = cfg.algo.eps_clip_low_high
-    sums = {"policy_loss": 0.0, "clip_fraction": 0.0, "approx_kl": 0.0, "entropy": 0.0, "value_loss": 0.0, "optimizer_steps": 0.0}
+def ppo_micro_batches(cfg: PPOConfig, action_mask: torch.Tensor, dp: int, group, seed: int):
+    """``--ppo_epochs`` shuffled passes over a rank's share, cut into optimizer steps of
+    ``--train_batch_size`` samples over the role's ``dp`` ranks and micro-batches of
+    ``--micro_train_batch_size``. Yields (row indices [m], action tokens in the whole step over
+    all ranks: the loss normaliser, whether this micro-batch ends the step)."""
+    n_local, per_step, micro = action_mask.size(0), cfg.train.train_batch_size // dp, cfg.train.micro_train_batch_size
     rng = random.Random(seed)
     for _ in range(cfg.algo.ppo_epochs):
         order = list(range(n_local))
         rng.shuffle(order)
         for start in range(0, n_local, per_step):
             chosen = order[start : start + per_step]
-            step_tokens = all_reduce_sums({"t": exp.action_mask[chosen].sum().item()})["t"]  # normaliser: global action tokens
+            step_tokens = all_reduce_sums({"t": action_mask[chosen].sum().item()}, group)["t"]
             for m in range(0, len(chosen), micro):
-                idx = torch.tensor(chosen[m : m + micro], device=exp.action_mask.device)
-                mb = {k: v[idx] for k, v in exp.batch.items()}
-                mask = exp.action_mask[idx]
-                if train_actor:
-                    logp, logits = policy_logp(actor, mb)
-                    loss, clip_frac, approx_kl = ppo_math.policy_loss(logp, exp.old_logp[idx], exp.advantages[idx], mask, lo, hi, cfg.algo.dual_clip, step_tokens)
-                    entropy = ppo_math.masked_sum(ppo_math.entropy_from_logits(logits[:, :-1]), mask) / step_tokens
-                    if cfg.algo.entropy_coef:
-                        loss = loss - cfg.algo.entropy_coef * entropy
-                    if cfg.algo.use_kl_loss:
-                        kl = ppo_math.kl_estimate(logp, exp.ref_logp[idx], cfg.algo.kl_estimator)
-                        loss = loss + kl_coef * ppo_math.masked_sum(kl, mask) / step_tokens
-                    actor.backward(loss * actor.grad_scale)
-                    actor.step()
-                    sums["policy_loss"] += loss.item()
-                    sums["clip_fraction"] += clip_frac.item() * mask.sum().item() / step_tokens
-                    sums["approx_kl"] += approx_kl.item() * mask.sum().item() / step_tokens
-                    sums["entropy"] += entropy.item()
-                if critic is not None:
-                    values = token_values(critic, mb)
-                    vloss = ppo_math.value_loss(values, exp_values(exp)[idx], exp.returns[idx], mask, cfg.algo.value_clip, step_tokens)
-                    critic.backward(vloss * critic.grad_scale)
-                    critic.step()
-                    sums["value_loss"] += vloss.item()
-            sums["optimizer_steps"] += 1
+                yield torch.tensor(chosen[m : m + micro], device=action_mask.device), step_tokens, m + micro >= len(chosen)
+
+
+def train_actor(cfg: PPOConfig, exp: ActorBatch, actor: TrainEngine, group, kl_coef: float, seed: int) -> dict[str, float]:
+    """PPO policy updates on this actor rank's share; metric sums (each step's share of the global loss)."""
+    lo, hi = cfg.algo.eps_clip_low_high
+    sums = dict.fromkeys(("policy_loss", "clip_fraction", "approx_kl", "entropy", "actor_updates"), 0.0)
+    for idx, step_tokens, step_end in ppo_micro_batches(cfg, exp.action_mask, actor.dp_size, group, seed):
+        mb, mask = {k: v[idx] for k, v in exp.batch.items()}, exp.action_mask[idx]
+        logp, logits = policy_logp(actor, mb)
+        loss, clip_frac, approx_kl = ppo_math.policy_loss(logp, exp.old_logp[idx], exp.advantages[idx], mask, lo, hi, cfg.algo.dual_clip, step_tokens)
+        entropy = ppo_math.masked_sum(ppo_math.entropy_from_logits(logits[:, :-1]), mask) / step_tokens
+        if cfg.algo.entropy_coef:
+            loss = loss - cfg.algo.entropy_coef * entropy
+        if cfg.algo.use_kl_loss:
+            kl = ppo_math.kl_estimate(logp, exp.ref_logp[idx], cfg.algo.kl_estimator)
+            loss = loss + kl_coef * ppo_math.masked_sum(kl, mask) / step_tokens
+        actor.backward(loss * actor.grad_scale)
+        actor.step()
+        share = mask.sum().item() / step_tokens
+        sums["policy_loss"] += loss.item()
+        sums["clip_fraction"] += clip_frac.item() * share
+        sums["approx_kl"] += approx_kl.item() * share
+        sums["entropy"] += entropy.item()
+        sums["actor_updates"] += float(step_end)
     return sums
 
 
-def exp_values(exp: Experience) -> torch.Tensor:
-    assert exp.values is not None, "value loss without critic values"
-    return exp.values
+def train_critic(cfg: PPOConfig, exp: CriticBatch, critic: TrainEngine, group, seed: int) -> dict[str, float]:
+    """Clipped value regression on this critic rank's share; metric sums."""
+    sums = dict.fromkeys(("value_loss", "critic_updates"), 0.0)
+    for idx, step_tokens, step_end in ppo_micro_batches(cfg, exp.action_mask, critic.dp_size, group, seed):
+        mb, mask = {k: v[idx] for k, v in exp.batch.items()}, exp.action_mask[idx]
+        vloss = ppo_math.value_loss(token_values(critic, mb), exp.values[idx], exp.returns[idx], mask, cfg.algo.value_clip, step_tokens)
+        critic.backward(vloss * critic.grad_scale)
+        critic.step()
+        sums["value_loss"] += vloss.item()
+        sums["critic_updates"] += float(step_end)
+    return sums
 
 
 # ----------------------------------------------------------------------------------------------
@@ -226,16 +334,22 @@ def exp_values(exp: Experience) -> torch.Tensor:
 
 
 @torch.no_grad()
-def eval_reward(generator: HFGenerator, scorer: Scorer, prompts: list[Prompt], rank: int, dp: int, pad_id: int) -> float:
-    """Mean combined reward of greedy responses to the held-out prompts (all ranks take part)."""
-    mine = prompts[rank::dp]
-    most = -(-len(prompts) // dp)
-    padded = mine + [prompts[0]] * (most - len(mine))  # equal counts keep ZeRO-3 collectives in step
-    gen = generator.generate([p.ids for p in padded], greedy=True)
-    samples = [Sample(p.ids + r, [0] * len(p.ids) + [1] * len(r)) for p, r in zip(padded, gen.responses)]
-    batch = {k: v.to(device()) for k, v in collate_padded(samples, pad_id).items()}
-    reward, _ = scorer.rewards(padded, gen.responses, batch)
-    totals = all_reduce_sums({"reward": reward[: len(mine)].sum().item(), "n": float(len(mine))})
+def eval_reward(roles: RoleEngines, generator: Optional[HFGenerator], scorer: Scorer, prompts: list[Prompt], rank: int) -> float:
+    """Collective. Mean combined reward of greedy responses to the held-out prompts."""
+    samples, mine, padded_prompts, responses = [], [], [], []
+    if roles.actor is not None:
+        index, dp = roles.groups.topology.slot_index("actor", rank)
+        mine = prompts[index::dp]
+        most = -(-len(prompts) // dp)
+        padded_prompts = mine + [prompts[0]] * (most - len(mine))  # equal counts keep the roles' shares equal
+        responses = generator.generate([p.ids for p in padded_prompts], greedy=True).responses
+        samples = [Sample(p.ids + r, [0] * len(p.ids) + [1] * len(r)) for p, r in zip(padded_prompts, responses)]
+    results, _, _ = scorer.score(samples, [r for r in ("reward",) if r in roles.groups.topology.roles])
+    total = 0.0
+    if roles.actor is not None:
+        reward, _ = scorer.rewards(padded_prompts, responses, results.get("reward", [[]] * len(samples)))
+        total = reward[: len(mine)].sum().item()
+    totals = all_reduce_sums({"reward": total, "n": float(len(mine))})
     return totals["reward"] / max(totals["n"], 1)
 
 
@@ -255,17 +369,32 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     if algo.gamma != 1.0 and algo.advantage_estimator not in ppo_math.DISCOUNTED_ESTIMATORS:
         raise UserError(f"--gamma {algo.gamma}: --advantage_estimator {algo.advantage_estimator} needs gamma 1 (discounting works with {', '.join(ppo_math.DISCOUNTED_ESTIMATORS)})")
 
-    # 1. Launch: every role on every rank.
+    # 1. Launch: place the roles (colocated, or split over rank ranges) and build their groups.
     launch = init_distributed()
     use_critic = algo.advantage_estimator in CRITIC_ESTIMATORS
     reward_paths = algo.reward_pretrain.split(",") if algo.reward_pretrain else []
-    roles = ("actor", "reference") + (("critic",) if use_critic else ()) + (("reward",) if reward_paths else ())
-    topology = Topology.colocated(launch.world_size, roles)
-    dp, rank = topology.dp_size("actor"), launch.rank
+    in_use = ("actor",) + (("critic",) if use_critic else ()) + (("reward",) if reward_paths else ()) + (("reference",) if cfg.model.lora_rank == 0 else ())
+    placement = cfg.placement
+    if placement.is_split:
+        topology = Topology.split(launch.world_size, placement.role_sizes(in_use), placement.shared_roles(in_use))
+    else:
+        topology = Topology.colocated(launch.world_size, in_use)
+    samples_per_step = rollout.rollout_batch_size * rollout.n_samples_per_prompt
     topology.check_divides("actor", rollout.rollout_batch_size, "--rollout_batch_size")
+    for role in topology.roles:
+        topology.check_divides(role, samples_per_step, "--rollout_batch_size x --n_samples_per_prompt")
+        if role in ("actor", "critic"):
+            topology.check_divides(role, cfg.train.train_batch_size, "--train_batch_size")
+    groups = topology.build_groups()
+    mine = topology.roles_of(launch.rank)
+    mpu = None
+    if not topology.is_colocated:
+        confine_deepspeed_to(groups.group(mine[0]))
+        mpu = SlotParallel(groups.group(mine[0]), groups.self_group)
+    rank = launch.rank
     torch.manual_seed(cfg.train.seed)
 
-    # 2. Data: each step takes --rollout_batch_size prompts; a rank gets every dp-th one.
+    # 2. Data: each step takes --rollout_batch_size prompts; an actor rank gets every dp-th one.
     tokenizer = load_tokenizer(cfg.model)
     prompts = load_prompts(cfg.data.prompt_data, cfg.data.prompt_data_probs, tokenizer, cfg.data, cfg.train.seed)
     eval_prompts = load_prompts(cfg.data.eval_prompt_data, None, tokenizer, cfg.data, cfg.train.seed) if cfg.data.eval_prompt_data else []
@@ -275,27 +404,33 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     total_steps = per_episode * algo.num_episodes
     if cfg.train.max_steps is not None:
         total_steps = min(total_steps, cfg.train.max_steps)
-    updates_per_step = algo.ppo_epochs * rollout.rollout_batch_size * rollout.n_samples_per_prompt // cfg.train.train_batch_size
+    updates = total_steps * algo.ppo_epochs * samples_per_step // cfg.train.train_batch_size
 
-    # 3. Engines: actor (+ critic) train; reference and reward models are frozen.
-    actor_train = dataclasses.replace(cfg.train, learning_rate=algo.actor_learning_rate or cfg.train.learning_rate)
-    actor = TrainEngine(load_causal_lm(cfg.model), actor_train, bf16=cfg.model.bf16, total_steps=total_steps * updates_per_step, dp_size=dp)
-    reference = None if cfg.model.lora_rank > 0 else FrozenEngine(load_causal_lm(frozen_model_cfg(cfg, cfg.model.pretrain)), cfg.train, bf16=cfg.model.bf16, dp_size=dp)
-    reward_models = [FrozenEngine(load_reward_model(frozen_model_cfg(cfg, p), pad_token_id=tokenizer.pad_token_id), cfg.train, bf16=cfg.model.bf16, dp_size=dp) for p in reward_paths]
-    critic = None
-    if use_critic:
+    # 3. Engines, only for this rank's roles: actor (+ critic) train; reference and reward models are frozen.
+    actor = critic = reference = None
+    reward_models: list[FrozenEngine] = []
+    if "actor" in mine:
+        actor_train = dataclasses.replace(cfg.train, learning_rate=algo.actor_learning_rate or cfg.train.learning_rate)
+        actor = TrainEngine(load_causal_lm(cfg.model), actor_train, bf16=cfg.model.bf16, total_steps=updates, dp_size=topology.dp_size("actor"), mpu=mpu)
+    if "reference" in mine:
+        reference = FrozenEngine(load_causal_lm(frozen_model_cfg(cfg, cfg.model.pretrain)), cfg.train, bf16=cfg.model.bf16, dp_size=topology.dp_size("reference"), mpu=mpu)
+    if "reward" in mine:
+        reward_models = [FrozenEngine(load_reward_model(frozen_model_cfg(cfg, p), pad_token_id=tokenizer.pad_token_id), cfg.train, bf16=cfg.model.bf16, dp_size=topology.dp_size("reward"), mpu=mpu) for p in reward_paths]
+    if "critic" in mine:
         critic_cfg = dataclasses.replace(cfg.model, pretrain=algo.critic_pretrain or (reward_paths[0] if reward_paths else cfg.model.pretrain))
         critic_train = dataclasses.replace(cfg.train, learning_rate=algo.critic_learning_rate or cfg.train.learning_rate)
-        critic = TrainEngine(load_reward_model(critic_cfg, pad_token_id=tokenizer.pad_token_id), critic_train, bf16=cfg.model.bf16, total_steps=total_steps * updates_per_step, dp_size=dp)
+        critic = TrainEngine(load_reward_model(critic_cfg, pad_token_id=tokenizer.pad_token_id), critic_train, bf16=cfg.model.bf16, total_steps=updates, dp_size=topology.dp_size("critic"), mpu=mpu)
     reward_fn = RewardFunction(algo.reward_func) if algo.reward_func else None
     remote = RemoteReward(algo.remote_rm_url, algo.remote_rm_timeout, algo.remote_rm_retries) if algo.remote_rm_url else None
     kl_ctl = ppo_math.AdaptiveKLController(algo.init_kl_coef, algo.kl_target, algo.kl_horizon) if algo.kl_target else ppo_math.FixedKLController(algo.init_kl_coef)
-    generator = HFGenerator(actor.module, tokenizer, rollout, cfg.train.zero_stage)
-    scorer = Scorer(cfg, tokenizer, reference, critic, reward_models, remote, reward_fn, kl_ctl)
-    engines = {"actor": actor, **({"critic": critic} if critic is not None else {})}
-    pad_id = tokenizer.pad_token_id
+    roles = RoleEngines(actor, critic, reference, reward_models, SampleRouter(topology, rank), groups)
+    generator = HFGenerator(actor, tokenizer, rollout) if actor is not None else None
+    scorer = Scorer(cfg, tokenizer, roles, remote, reward_fn, kl_ctl)
+    engines = {name: e for name, e in (("actor", actor), ("critic", critic)) if e is not None}
 
-    # 4. Resume: engines, RNG, KL controller, step.
+    # 4. Resume: engines, RNG, KL controller, step. (Seeded again here: building engines draws
+    # random numbers, and a rank builds only its roles', so sampling would depend on the placement.)
+    torch.manual_seed(cfg.train.seed)
     start_step = 0
     if cfg.ckpt.load_checkpoint and (folder := latest_checkpoint(cfg.ckpt.ckpt_path)) is not None:
         state = load_checkpoint(folder, engines)
@@ -308,32 +443,42 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     if start_step:
         logger.log(start_step, {"resumed_from_step": start_step})
     elif eval_prompts:
-        logger.log(0, {"eval_reward": eval_reward(generator, scorer, eval_prompts, rank, dp, pad_id)})
+        logger.log(0, {"eval_reward": eval_reward(roles, generator, scorer, eval_prompts, rank)})
     for step in range(start_step, total_steps):
         episode, step_in_episode = divmod(step, per_episode)
         order = list(range(len(prompts)))
         random.Random(cfg.train.seed * 1000 + episode).shuffle(order)
         window = order[step_in_episode * rollout.rollout_batch_size : (step_in_episode + 1) * rollout.rollout_batch_size]
-        my_prompts = [prompts[i] for i in window[rank::dp]]
+        my_prompts = []
+        if actor is not None:
+            index, dp = topology.slot_index("actor", rank)
+            my_prompts = [prompts[i] for i in window[index::dp]]
 
-        timings: dict[str, float] = {}
-        exp, exp_stats = make_experience(cfg, actor, generator, scorer, my_prompts, pad_id, timings)
+        timings = dict.fromkeys(("generate", "sync", "score", "train"), 0.0)
+        actor_batch, critic_batch, exp_stats = make_experience(cfg, roles, generator, scorer, my_prompts, timings)
         started = time.perf_counter()
-        train_sums = train_on(cfg, exp, actor, critic, kl_ctl.value, train_actor=step >= algo.freezing_actor_steps, seed=cfg.train.seed * 7919 + step)
+        train_sums = dict.fromkeys(("policy_loss", "clip_fraction", "approx_kl", "entropy", "actor_updates", "value_loss", "critic_updates"), 0.0)
+        seed = cfg.train.seed * 7919 + step
+        if actor_batch is not None and step >= algo.freezing_actor_steps:
+            train_sums.update(train_actor(cfg, actor_batch, actor, groups.group("actor"), kl_ctl.value, seed))
+        if critic_batch is not None:
+            train_sums.update(train_critic(cfg, critic_batch, critic, groups.group("critic"), seed))
         timings["train"] = time.perf_counter() - started
 
         totals = all_reduce_sums({**exp_stats, **train_sums})
         n_samples, n_tokens = totals["samples"], max(totals["response_length"], 1.0)
-        steps_done = max(totals["optimizer_steps"] / dp, 1.0)
         record = {"reward": totals["reward"] / n_samples, "kl": totals["kl"] / n_samples, "response_length": n_tokens / n_samples, "truncated": totals["truncated"] / n_samples}
-        record.update({k: totals[k] / n_samples for k in exp_stats if k.startswith("reward_")})
-        record.update({k: totals[k] / steps_done / dp for k in ("policy_loss", "clip_fraction", "approx_kl", "entropy", "value_loss")})
-        record.update({f"time_{k}": v for k, v in timings.items()}, time_sync=0.0, kl_coef=kl_ctl.value, lr=actor.lr)
-        kl_ctl.update(record["kl"], rollout.rollout_batch_size * rollout.n_samples_per_prompt)
+        record.update({k: totals[k] / n_samples for k in scorer.source_names})
+        actor_steps = max(totals["actor_updates"] / topology.dp_size("actor"), 1.0)
+        record.update({k: totals[k] / actor_steps for k in ("policy_loss", "clip_fraction", "approx_kl", "entropy")})
+        if use_critic:
+            record["value_loss"] = totals["value_loss"] / max(totals["critic_updates"] / topology.dp_size("critic"), 1.0)
+        record.update({f"time_{k}": v for k, v in timings.items()}, kl_coef=kl_ctl.value, lr=actor.lr if actor is not None else 0.0)
+        kl_ctl.update(record["kl"], samples_per_step)
 
         done = step + 1
         if eval_prompts and (done % algo.eval_every == 0 or done == total_steps):
-            record["eval_reward"] = eval_reward(generator, scorer, eval_prompts, rank, dp, pad_id)
+            record["eval_reward"] = eval_reward(roles, generator, scorer, eval_prompts, rank)
         logger.log(done, record)
         if cfg.ckpt.save_steps > 0 and done % cfg.ckpt.save_steps == 0 and done < total_steps:
             save_checkpoint(cfg.ckpt.ckpt_path, done, engines, {"episode": episode, "kl_ctl": kl_ctl.state_dict()}, cfg.ckpt.max_ckpt_num)
@@ -342,6 +487,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     # 6. Export: the critic and the reward curve beside the actor, then the actor (and upload).
     if critic is not None:
         export_hf(critic, tokenizer, os.path.join(cfg.ckpt.save_path, "critic"))
+    dist.barrier()  # the critic is written before the actor's export moves it into place
     if launch.is_rank0:
         keys = ["reward"] + (["eval_reward"] if eval_prompts else [])
         png = plot_metrics(metrics_path, keys, os.path.join(cfg.ckpt.save_path, "reward_curve.png"))

@@ -121,21 +121,31 @@ def _reduce_step_metrics(sums: dict[str, float], normaliser: float, micro_batche
     return {k: v / (micro_batches if k in MICRO_MEANS else max(normaliser, 1e-12)) for k, v in totals.items()}
 
 
-def all_reduce_sums(values: dict[str, float]) -> dict[str, float]:
-    """Element-wise sum of a dict of floats over all ranks (same keys on every rank)."""
+def all_reduce_sums(values: dict[str, float], group: Optional[dist.ProcessGroup] = None) -> dict[str, float]:
+    """Element-wise sum of a dict of floats over the group's ranks (all ranks by default; same keys on every rank)."""
     keys = sorted(values)
     totals = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=device())
-    dist.all_reduce(totals)
+    dist.all_reduce(totals, group=group)
     return dict(zip(keys, totals.tolist()))
 
 
-def finish(engine: TrainEngine, tokenizer: Any, cfg: Any, launch: LaunchEnv, extra_files: Optional[dict[str, str]] = None) -> None:
-    """Export the trained model to --save_path, upload it to --s3_save_path, end the process group."""
-    export_hf(engine, tokenizer, cfg.ckpt.save_path, extra_files=extra_files)
+def all_reduce_tensor(tensor: torch.Tensor, group: Optional[dist.ProcessGroup] = None) -> torch.Tensor:
+    """A summed copy of ``tensor`` over the group's ranks."""
+    total = tensor.clone()
+    dist.all_reduce(total, group=group)
+    return total
+
+
+def finish(engine: Optional[TrainEngine], tokenizer: Any, cfg: Any, launch: LaunchEnv, extra_files: Optional[dict[str, str]] = None) -> None:
+    """Export the trained model to --save_path, upload it to --s3_save_path, end the process group.
+    Collective over the world; ``engine`` is None on ranks that do not hold the exported model."""
+    if engine is not None:
+        export_hf(engine, tokenizer, cfg.ckpt.save_path, extra_files=extra_files)
     if cfg.ckpt.s3_save_path and launch.is_rank0:
         from rlhf.io.s3 import upload_folder
 
         upload_folder(cfg.ckpt.save_path, cfg.ckpt.s3_save_path)
     dist.barrier()
-    engine.engine.destroy()  # drop ZeRO-3 hooks before their process group goes
+    if engine is not None:
+        engine.engine.destroy()  # drop ZeRO-3 hooks before their process group goes
     dist.destroy_process_group()

@@ -155,3 +155,13 @@ def sft_tiny_model(tmp_path_factory):
     out = tmp_path_factory.mktemp("sft-tiny")
     run_trainer("rlhf.sft", ["--config", "configs/sft_tiny.yaml", "--save_path", str(out / "model"), "--ckpt_path", str(out / "ckpt")], timeout=1200)
     return out / "model"
+
+
+@pytest.fixture(scope="session")
+def rm_tiny_model(sft_tiny_model, tmp_path_factory):
+    """The README's RM preset, from the SFT'd tiny model (prefers right sums: pair accuracy ~0.93)."""
+    from helpers import run_trainer
+
+    out = tmp_path_factory.mktemp("rm-tiny")
+    run_trainer("rlhf.rm", ["--config", "configs/rm_tiny.yaml", "--pretrain", str(sft_tiny_model), "--save_path", str(out / "model"), "--ckpt_path", str(out / "ckpt")], timeout=1200)
+    return out / "model"

@@ -23,12 +23,9 @@ def rm_args(pretrain, out, *extra):
     ]
 
 
-@pytest.fixture(scope="module")
-def trained_rm(sft_tiny_model, tmp_path_factory):
-    """The README's RM preset, from the SFT'd tiny model."""
-    out = tmp_path_factory.mktemp("rm")
-    run_trainer("rlhf.rm", ["--config", "configs/rm_tiny.yaml", "--pretrain", str(sft_tiny_model), "--save_path", str(out / "model"), "--ckpt_path", str(out / "ckpt")], timeout=1200)
-    return out / "model"
+@pytest.fixture
+def trained_rm(rm_tiny_model):
+    return rm_tiny_model
 
 
 def test_rm_learns_the_addition_rule(trained_rm):

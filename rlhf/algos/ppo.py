@@ -225,7 +225,11 @@ class AdvantageInputs:
     size of the group baselines; rows i*n .. i*n+n-1 are the samples of prompt i. gamma, lambd:
     discount and GAE lambda (the group estimators require gamma = 1). no_std_norm: skip the
     division by the std in the whitening of gae / reinforce / reinforce_baseline (the mean is
-    still subtracted), as OpenRLHF's flag of that name.
+    still subtracted), as OpenRLHF's flag of that name. sum_over_shards: when the batch is one
+    data-parallel shard of the rollout, a function summing a small tensor over all shards (an
+    all-reduce), so whitening uses the statistics of the WHOLE rollout batch; None = this
+    batch is the whole batch. (The group estimators need no such help: a prompt's samples are
+    never split over shards.)
 
     The group estimators transform the SEQUENCE reward before the per-token KL penalty is
     added (OpenRLHF's order): they move the last-token reward from r_i to shaped(r)_i, i.e. add
@@ -240,6 +244,7 @@ class AdvantageInputs:
     gamma: float = 1.0
     lambd: float = 1.0
     no_std_norm: bool = False
+    sum_over_shards: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def __post_init__(self) -> None:
         B, T = self.action_mask.shape
@@ -274,10 +279,17 @@ def get_estimator(name: str) -> Estimator:
 
 
 def _normalise(advantages: torch.Tensor, inputs: AdvantageInputs) -> torch.Tensor:
-    """Batch whitening of advantages over action tokens (zero elsewhere). [B, T] -> [B, T]."""
+    """Whitening of advantages over the action tokens of the whole rollout batch (zero elsewhere):
+    ``masked_whiten`` with the mean and biased variance summed over every shard. [B, T] -> [B, T]."""
+    total = inputs.sum_over_shards or (lambda t: t)
+    x, m = _fp32(advantages), inputs.action_mask.to(torch.float32)
+    token_sum, count = total(torch.stack([(x * m).sum(), m.sum()])).unbind()
+    count = count.clamp(min=1)
+    centred = x - token_sum / count
     if inputs.no_std_norm:
-        return (advantages - masked_mean(advantages, inputs.action_mask)) * inputs.action_mask
-    return masked_whiten(advantages, inputs.action_mask) * inputs.action_mask
+        return centred * m
+    var = total((centred**2 * m).sum().unsqueeze(0))[0] / count
+    return centred * var.clamp(min=WHITEN_VAR_EPS).rsqrt() * m
 
 
 def _groups(inputs: AdvantageInputs, name: str) -> torch.Tensor:

@@ -144,21 +144,31 @@ class Topology:
 
     # ---- process groups ---------------------------------------------------------------------
 
+    def slot_index(self, role: str, rank: int) -> tuple[int, int]:
+        """(position of ``rank`` among the role's ranks, the role's rank count)."""
+        slot = self.slot_of(role)
+        if rank not in slot.ranks:
+            raise ValueError(f"rank {rank} does not hold role {role!r}")
+        return rank - slot.first_rank, slot.num_ranks
+
     def build_groups(self) -> "RoleGroups":
-        """Create one process group per slot. Collective: every rank calls it, in the same order."""
+        """Create one process group per slot, and in a split placement a one-rank group for this
+        rank (DeepSpeed's model-parallel group). Collective: every rank calls it, in the same order."""
         by_slot = []
         for slot in self.slots:
             if slot.num_ranks == self.world_size:
                 by_slot.append(dist.group.WORLD)
             else:
                 by_slot.append(dist.new_group(ranks=list(slot.ranks)))
-        return RoleGroups(self, tuple(by_slot))
+        alone = None if self.is_colocated else dist.new_group(ranks=[dist.get_rank()], use_local_synchronization=True)
+        return RoleGroups(self, tuple(by_slot), alone)
 
 
 @dataclass(frozen=True)
 class RoleGroups:
     topology: Topology
     slot_groups: tuple[Optional[dist.ProcessGroup], ...]
+    self_group: Optional[dist.ProcessGroup] = None  # this rank alone (split placement only)
 
     def group(self, role: str) -> Optional[dist.ProcessGroup]:
         """The data-parallel group of ``role`` (WORLD when the role spans all ranks)."""

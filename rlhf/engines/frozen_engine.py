@@ -14,23 +14,26 @@ gathering knobs) apply to both.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import deepspeed
 import torch
 
 from rlhf.config import TrainConfig
+from rlhf.engines.subgroups import SlotParallel
 from rlhf.engines.train_engine import build_ds_config
 
 
 class FrozenEngine:
     """A model in eval mode with no gradients: ``forward(**model_inputs)`` only."""
 
-    def __init__(self, model: torch.nn.Module, cfg: TrainConfig, *, bf16: bool, dp_size: int):
+    def __init__(self, model: torch.nn.Module, cfg: TrainConfig, *, bf16: bool, dp_size: int, mpu: Optional[SlotParallel] = None):
         model.requires_grad_(False)
         model.eval()
         config = build_ds_config(cfg, bf16=bf16, dp_size=dp_size, accumulation_steps=cfg.grad_accumulation_steps(dp_size), frozen=True)
         config["zero_optimization"]["stage"] = 3 if cfg.zero_stage == 3 else 0
         self.ds_config = config
-        self.engine, *_ = deepspeed.initialize(model=model, config=config, dist_init_required=False)
+        self.engine, *_ = deepspeed.initialize(model=model, config=config, mpu=mpu, dist_init_required=False)
         self.engine.eval()
 
     @property

@@ -14,6 +14,7 @@ DeepSpeed divisions then cancels and the update does not depend on how the batch
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -21,10 +22,10 @@ from typing import Any, Optional
 
 import deepspeed
 import torch
-import torch.distributed as dist
 from transformers import get_scheduler
 
 from rlhf.config import TrainConfig
+from rlhf.engines.subgroups import SlotParallel
 from rlhf.errors import UserError
 
 
@@ -56,6 +57,9 @@ def build_ds_config(
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
+        # Our checkpoint tag is the constant "engine"; validating it costs world all-reduces,
+        # which engines on a process subgroup cannot make (see engines/subgroups.py).
+        "checkpoint": {"tag_validation": "IGNORE"},
     }
     if bf16:
         # Accumulate gradients in fp32 so many micro-batches do not lose precision.
@@ -112,36 +116,6 @@ def _make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opt
     return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=cfg.adam_betas)
 
 
-class _DataParallelOnly:
-    """A DeepSpeed ``mpu`` for an engine that lives on a process subgroup.
-
-    DeepSpeed has no config key for its data-parallel group; it takes it from ``mpu``. The
-    model-parallel group must be a one-rank group: a ``None`` group makes gradient clipping
-    all-reduce the norm over the whole world.
-    """
-
-    def __init__(self, dp_group: dist.ProcessGroup, self_group: dist.ProcessGroup):
-        self._dp, self._mp = dp_group, self_group
-
-    def get_data_parallel_group(self):
-        return self._dp
-
-    def get_data_parallel_world_size(self):
-        return dist.get_world_size(self._dp)
-
-    def get_data_parallel_rank(self):
-        return dist.get_rank(self._dp)
-
-    def get_model_parallel_group(self):
-        return self._mp
-
-    def get_model_parallel_world_size(self):
-        return 1
-
-    def get_model_parallel_rank(self):
-        return 0
-
-
 class TrainEngine:
     """A model being trained: forward, backward, step, checkpoint, export."""
 
@@ -153,10 +127,11 @@ class TrainEngine:
         bf16: bool,
         total_steps: int,
         dp_size: int,
-        mpu: Optional[_DataParallelOnly] = None,
+        mpu: Optional[SlotParallel] = None,
     ):
         self.cfg = cfg
         self.dp_size = dp_size
+        self.group = mpu.get_data_parallel_group() if mpu is not None else None  # None: the world
         self.accumulation_steps = cfg.grad_accumulation_steps(dp_size)
         self.ds_config = build_ds_config(cfg, bf16=bf16, dp_size=dp_size, accumulation_steps=self.accumulation_steps)
         optimizer = _make_optimizer(model, cfg)
@@ -228,12 +203,37 @@ class TrainEngine:
 
     def save(self, folder: str) -> None:
         """Engine, optimizer and LR schedule into ``folder`` (collective over the engine's ranks)."""
+        # DeepSpeed creates the folder on global rank 0 only; an engine may not include it.
+        os.makedirs(os.path.join(folder, "engine"), exist_ok=True)
         self.engine.save_checkpoint(folder, tag="engine", save_latest=False)
 
     def load(self, folder: str) -> None:
         path, _ = self.engine.load_checkpoint(folder, tag="engine", load_optimizer_states=True, load_lr_scheduler_states=True)
         if path is None:
             raise UserError(f"checkpoint {folder}: no engine state found")
+
+    # ---- generation -------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def unpartitioned(self):
+        """Full weights on every rank of the engine, ZeRO-3's hooks off, for generation.
+
+        One all-gather up front; inside, forwards are plain module calls with no collective, so
+        ranks may decode different numbers of tokens and no ``synced_gpus`` is needed (its
+        all-reduce spans the world, wrong on a subgroup), and decoding runs at unsharded speed
+        instead of re-gathering every layer per token. Weights are read only: nothing is written
+        back. A no-op below ZeRO-3, where every rank already holds the full weights.
+        """
+        if self.cfg.zero_stage != 3:
+            yield
+            return
+        offload = self.engine.optimizer.parameter_offload
+        with deepspeed.zero.GatheredParameters(list(self.module.parameters())):
+            offload._remove_module_hooks()
+            try:
+                yield
+            finally:
+                offload.setup_zero_stage3_hooks()  # re-registers; the forward trace re-records
 
     # ---- export -----------------------------------------------------------------------------
 

@@ -123,19 +123,29 @@ KEEP_ON_EXPORT = ("metrics.jsonl", "*.png", "wandb", "critic")
 
 
 def export_hf(engine: Any, tokenizer: Any, out_dir: str, extra_files: Optional[Mapping[str, str]] = None) -> None:
-    """Collective. Write an HF folder (model or LoRA adapter + tokenizer) that plain transformers loads.
+    """Collective over the engine's ranks. Write an HF folder (model or LoRA adapter + tokenizer)
+    that plain transformers loads.
 
-    ZeRO-3 shards are gathered one parameter at a time; rank 0 writes into a temporary folder
-    and swaps it in, so an interrupted export never leaves a half-written model at ``out_dir``.
-    The run's own files already in ``out_dir`` (``KEEP_ON_EXPORT``) move into the new folder.
+    ZeRO-3 shards are gathered one parameter at a time; the engine group's first rank writes into
+    a temporary folder and swaps it in, so an interrupted export never leaves a half-written
+    model at ``out_dir``. The run's own files already in ``out_dir`` (``KEEP_ON_EXPORT``) move
+    into the new folder.
     """
-    state = engine.gathered_state_dict(keep=_rank() == 0)
-    if _rank() == 0:
+    group = getattr(engine, "group", None)  # None: the engine spans the world
+    writer = not dist.is_initialized() or dist.get_rank(group) == 0
+    state = engine.gathered_state_dict(keep=writer)
+    if writer:
         out = Path(out_dir)
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
-        engine.module.save_pretrained(str(tmp), state_dict=state, safe_serialization=True)
+        model = engine.module
+        # transformers writes only on GLOBAL rank 0; a critic on ranks 2-3 must write too.
+        model.should_save_on_this_rank = lambda is_main_process: is_main_process
+        try:
+            model.save_pretrained(str(tmp), state_dict=state, safe_serialization=True)
+        finally:
+            del model.should_save_on_this_rank
         tokenizer.save_pretrained(str(tmp))
         for filename, text in (extra_files or {}).items():
             (tmp / filename).write_text(text)
@@ -147,4 +157,5 @@ def export_hf(engine: Any, tokenizer: Any, out_dir: str, extra_files: Optional[M
             os.replace(out, old)
         os.replace(tmp, out)
         shutil.rmtree(old, ignore_errors=True)
-    _barrier()
+    if dist.is_initialized():
+        dist.barrier(group)

@@ -1,20 +1,18 @@
 """Rollouts with Hugging Face ``generate`` on the actor's own ranks and weights.
 
-The generator reads the actor's live parameters, so there is no weight sync: after each
-optimizer step the next rollout already uses the new policy. Under ZeRO-3 the parameters are
-gathered for the duration of generation (one all-gather, not one per decoding step) and every
-rank keeps decoding until all are done (``synced_gpus``), because partitioned forwards are
-collective.
+The generator reads the actor's live parameters, so weights are synced in place: after each
+optimizer step the next rollout already uses the new policy. Under ZeRO-3 that sync is an
+all-gather of the actor's shards over the actor's ranks for the duration of generation, with
+ZeRO-3's hooks off (``TrainEngine.unpartitioned``); its time is reported as ``sync_seconds``.
 
 Interface shared with other backends: ``generate(prompt_ids, greedy) -> Generations``.
 """
 
 from __future__ import annotations
 
-import contextlib
+import time
 from dataclasses import dataclass
 
-import deepspeed
 import torch
 
 from rlhf.config import RolloutConfig
@@ -25,11 +23,12 @@ from rlhf.dist.env import device
 class Generations:
     responses: list[list[int]]  # generated ids per prompt, cut after the first EOS (kept)
     finished: list[bool]  # ended with EOS (False: hit --generate_max_len)
+    sync_seconds: float = 0.0  # making the actor's current weights available to generation
 
 
 class HFGenerator:
-    def __init__(self, model: torch.nn.Module, tokenizer, cfg: RolloutConfig, zero_stage: int):
-        self.model, self.cfg, self.zero3 = model, cfg, zero_stage == 3
+    def __init__(self, actor, tokenizer, cfg: RolloutConfig):
+        self.actor, self.model, self.cfg = actor, actor.module, cfg
         self.eos_id, self.pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
 
     @torch.no_grad()
@@ -38,15 +37,16 @@ class HFGenerator:
         self.model.eval()
         responses: list[list[int]] = []
         finished: list[bool] = []
-        gathered = deepspeed.zero.GatheredParameters(list(self.model.parameters())) if self.zero3 else contextlib.nullcontext()
-        with gathered:
+        started = time.perf_counter()
+        with self.actor.unpartitioned():
+            sync_seconds = time.perf_counter() - started
             step = self.cfg.micro_rollout_batch_size
             for start in range(0, len(prompts), step):
                 r, f = self._generate_chunk(prompts[start : start + step], greedy)
                 responses += r
                 finished += f
         self.model.train(was_training)
-        return Generations(responses, finished)
+        return Generations(responses, finished, sync_seconds)
 
     def _generate_chunk(self, prompts: list[list[int]], greedy: bool) -> tuple[list[list[int]], list[bool]]:
         width = max(len(p) for p in prompts)
@@ -64,7 +64,7 @@ class HFGenerator:
             eos_token_id=self.eos_id,
             pad_token_id=self.pad_id,
             use_cache=True,
-            synced_gpus=self.zero3,
+            synced_gpus=False,  # unpartitioned weights: no collective per decoding step
             **{k: v for k, v in sampling.items() if k != "do_sample"},
         )
         responses, finished = [], []
