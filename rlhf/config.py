@@ -387,10 +387,20 @@ class PromptDataConfig:
     """Prompts longer than this many tokens are left-truncated."""
     max_samples: int = 100_000_000
     """Use at most this many prompts."""
+    pretrain_data: Optional[str] = None
+    """Pre-training text mixed into the actor loss (PPO-ptx, with --ptx_coef); same source forms as --dataset."""
+    pretrain_data_probs: Optional[str] = None
+    """Mixing weights for the --pretrain_data sources."""
+    pretrain_input_key: str = "text"
+    """Row field holding the --pretrain_data text."""
+    pretrain_max_len: Optional[int] = None
+    """Token chunk length of --pretrain_data (default: --prompt_max_len + --generate_max_len)."""
 
     def validate(self) -> None:
         if self.prompt_max_len < 1:
             raise UserError(f"--prompt_max_len must be >= 1, got {self.prompt_max_len}")
+        if self.pretrain_max_len is not None and self.pretrain_max_len < 2:
+            raise UserError(f"--pretrain_max_len must be >= 2, got {self.pretrain_max_len}")
 
 
 @dataclass
@@ -480,6 +490,12 @@ class PPOAlgoConfig:
     """Critic initialisation (default: the first reward model, else --pretrain); used by gae only."""
     freezing_actor_steps: int = 0
     """Train only the critic for this many first steps."""
+    ptx_coef: float = 0.05
+    """Weight of the pre-training NLL (per --pretrain_data token) added to the actor loss."""
+    enable_ema: bool = False
+    """Keep an exponential moving average of the actor's weights and export it instead of the last weights."""
+    ema_beta: float = 0.992
+    """EMA decay per optimizer step: ema = beta * ema + (1 - beta) * weights."""
     eval_every: int = 5
     """Evaluate the greedy reward on --eval_prompt_data every N steps (and at the start and end)."""
 
@@ -496,6 +512,8 @@ class PPOAlgoConfig:
             raise UserError(f"--kl_target must be > 0, got {self.kl_target}")
         if self.remote_rm_retries < 0 or self.remote_rm_timeout <= 0:
             raise UserError(f"--remote_rm_retries must be >= 0 and --remote_rm_timeout > 0, got {self.remote_rm_retries} and {self.remote_rm_timeout}")
+        if not 0.0 <= self.ema_beta <= 1.0:
+            raise UserError(f"--ema_beta must be in [0, 1], got {self.ema_beta}")
         if self.reward_clip_range[0] >= self.reward_clip_range[1]:
             raise UserError(f"--reward_clip_range must be low high with low < high, got {self.reward_clip_range}")
 

@@ -18,6 +18,7 @@ eval -> log -> checkpoint), 6 export.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import random
@@ -28,14 +29,16 @@ from typing import Optional, Sequence
 import torch
 import torch.distributed as dist
 
-from rlhf.algos.losses import next_token_logprobs
 from rlhf.algos import ppo as ppo_math
-from rlhf.config import ModelConfig, PPOConfig, parse_config
+from rlhf.algos.losses import next_token_logprobs, sft_nll_sum
+from rlhf.config import DataConfig, ModelConfig, PPOConfig, parse_config
 from rlhf.data.prompts import Prompt, load_prompts
-from rlhf.data.sft import Sample, collate_padded
+from rlhf.data.sft import Sample, collate_padded, tokenize_sft
+from rlhf.data.sources import load_mixture
 from rlhf.dist.env import device, init_distributed
 from rlhf.dist.exchange import SampleRouter
 from rlhf.dist.topology import RoleGroups, Topology
+from rlhf.engines.ema import WeightEMA
 from rlhf.engines.frozen_engine import FrozenEngine
 from rlhf.engines.subgroups import SlotParallel, confine_deepspeed_to
 from rlhf.engines.train_engine import TrainEngine
@@ -274,11 +277,11 @@ def make_experience(cfg: PPOConfig, roles: RoleEngines, generator: Optional[HFGe
 # Training on one rollout batch
 
 
-def ppo_micro_batches(cfg: PPOConfig, action_mask: torch.Tensor, dp: int, group, seed: int):
+def ppo_steps(cfg: PPOConfig, action_mask: torch.Tensor, dp: int, group, seed: int):
     """``--ppo_epochs`` shuffled passes over a rank's share, cut into optimizer steps of
-    ``--train_batch_size`` samples over the role's ``dp`` ranks and micro-batches of
-    ``--micro_train_batch_size``. Yields (row indices [m], action tokens in the whole step over
-    all ranks: the loss normaliser, whether this micro-batch ends the step)."""
+    ``--train_batch_size`` samples over the role's ``dp`` ranks. Yields per step the row indices
+    of its micro-batches (``--micro_train_batch_size`` each) and the action tokens of the whole
+    step over all ranks: the loss normaliser."""
     n_local, per_step, micro = action_mask.size(0), cfg.train.train_batch_size // dp, cfg.train.micro_train_batch_size
     rng = random.Random(seed)
     for _ in range(cfg.algo.ppo_epochs):
@@ -287,45 +290,78 @@ def ppo_micro_batches(cfg: PPOConfig, action_mask: torch.Tensor, dp: int, group,
         for start in range(0, n_local, per_step):
             chosen = order[start : start + per_step]
             step_tokens = all_reduce_sums({"t": action_mask[chosen].sum().item()}, group)["t"]
-            for m in range(0, len(chosen), micro):
-                yield torch.tensor(chosen[m : m + micro], device=action_mask.device), step_tokens, m + micro >= len(chosen)
+            yield [torch.tensor(chosen[m : m + micro], device=action_mask.device) for m in range(0, len(chosen), micro)], step_tokens
 
 
-def train_actor(cfg: PPOConfig, exp: ActorBatch, actor: TrainEngine, group, kl_coef: float, seed: int) -> dict[str, float]:
-    """PPO policy updates on this actor rank's share; metric sums (each step's share of the global loss)."""
+class PretrainMix:
+    """``--pretrain_data`` for PPO-ptx: an actor rank's share of the text chunks, served as
+    micro-batches whose content depends only on their running number, so a resumed job
+    continues the same sequence without saving a data position."""
+
+    def __init__(self, samples: list[Sample], index: int, dp: int, micro: int, seed: int):
+        self.mine, self.micro, self.seed = samples[index::dp], micro, seed
+        if len(self.mine) < micro:
+            raise UserError(f"--pretrain_data has {len(samples)} chunks; need at least --micro_train_batch_size x actor ranks = {micro * dp}")
+
+    def micro_batch(self, number: int) -> list[Sample]:
+        per_epoch = len(self.mine) // self.micro
+        epoch, k = divmod(number, per_epoch)
+        order = random.Random(self.seed * 1009 + epoch).sample(range(len(self.mine)), len(self.mine))
+        return [self.mine[i] for i in order[k * self.micro : (k + 1) * self.micro]]
+
+
+def train_actor(cfg: PPOConfig, exp: ActorBatch, actor: TrainEngine, group, kl_coef: float, seed: int, ptx: Optional[PretrainMix], ptx_first: int, ema: Optional[WeightEMA], pad_id: int) -> dict[str, float]:
+    """PPO policy updates on this actor rank's share; metric sums (each step's share of the global
+    loss). With ``ptx``, every micro-batch also fits one pre-training micro-batch (numbered from
+    ``ptx_first``), weighted by --ptx_coef per pre-training token of the step."""
     lo, hi = cfg.algo.eps_clip_low_high
-    sums = dict.fromkeys(("policy_loss", "clip_fraction", "approx_kl", "entropy", "actor_updates"), 0.0)
-    for idx, step_tokens, step_end in ppo_micro_batches(cfg, exp.action_mask, actor.dp_size, group, seed):
-        mb, mask = {k: v[idx] for k, v in exp.batch.items()}, exp.action_mask[idx]
-        logp, logits = policy_logp(actor, mb)
-        loss, clip_frac, approx_kl = ppo_math.policy_loss(logp, exp.old_logp[idx], exp.advantages[idx], mask, lo, hi, cfg.algo.dual_clip, step_tokens)
-        entropy = ppo_math.masked_sum(ppo_math.entropy_from_logits(logits[:, :-1]), mask) / step_tokens
-        if cfg.algo.entropy_coef:
-            loss = loss - cfg.algo.entropy_coef * entropy
-        if cfg.algo.use_kl_loss:
-            kl = ppo_math.kl_estimate(logp, exp.ref_logp[idx], cfg.algo.kl_estimator)
-            loss = loss + kl_coef * ppo_math.masked_sum(kl, mask) / step_tokens
-        actor.backward(loss * actor.grad_scale)
-        actor.step()
-        share = mask.sum().item() / step_tokens
-        sums["policy_loss"] += loss.item()
-        sums["clip_fraction"] += clip_frac.item() * share
-        sums["approx_kl"] += approx_kl.item() * share
-        sums["entropy"] += entropy.item()
-        sums["actor_updates"] += float(step_end)
+    sums = dict.fromkeys(("policy_loss", "clip_fraction", "approx_kl", "entropy", "ptx_loss", "actor_updates"), 0.0)
+    ptx_number = ptx_first
+    for micro_batches, step_tokens in ppo_steps(cfg, exp.action_mask, actor.dp_size, group, seed):
+        if ptx is not None:
+            ptx_batches = [to_batch(ptx.micro_batch(ptx_number + k), pad_id) for k in range(len(micro_batches))]
+            ptx_number += len(micro_batches)
+            ptx_tokens = all_reduce_sums({"t": sum(b["loss_mask"].sum().item() for b in ptx_batches)}, group)["t"]
+        for j, idx in enumerate(micro_batches):
+            mb, mask = {k: v[idx] for k, v in exp.batch.items()}, exp.action_mask[idx]
+            logp, logits = policy_logp(actor, mb)
+            loss, clip_frac, approx_kl = ppo_math.policy_loss(logp, exp.old_logp[idx], exp.advantages[idx], mask, lo, hi, cfg.algo.dual_clip, step_tokens)
+            entropy = ppo_math.masked_sum(ppo_math.entropy_from_logits(logits[:, :-1]), mask) / step_tokens
+            if cfg.algo.entropy_coef:
+                loss = loss - cfg.algo.entropy_coef * entropy
+            if cfg.algo.use_kl_loss:
+                kl = ppo_math.kl_estimate(logp, exp.ref_logp[idx], cfg.algo.kl_estimator)
+                loss = loss + kl_coef * ppo_math.masked_sum(kl, mask) / step_tokens
+            sums["policy_loss"] += loss.item()
+            if ptx is not None:
+                pb = ptx_batches[j]
+                logits = actor(input_ids=pb["input_ids"], attention_mask=pb["attention_mask"], use_cache=False).logits
+                ptx_loss = sft_nll_sum(logits, pb["input_ids"], pb["loss_mask"]) / ptx_tokens
+                loss = loss + cfg.algo.ptx_coef * ptx_loss
+                sums["ptx_loss"] += ptx_loss.item()
+            actor.backward(loss * actor.grad_scale)
+            actor.step()
+            share = mask.sum().item() / step_tokens
+            sums["clip_fraction"] += clip_frac.item() * share
+            sums["approx_kl"] += approx_kl.item() * share
+            sums["entropy"] += entropy.item()
+        sums["actor_updates"] += 1
+        if ema is not None:
+            ema.update()
     return sums
 
 
 def train_critic(cfg: PPOConfig, exp: CriticBatch, critic: TrainEngine, group, seed: int) -> dict[str, float]:
     """Clipped value regression on this critic rank's share; metric sums."""
     sums = dict.fromkeys(("value_loss", "critic_updates"), 0.0)
-    for idx, step_tokens, step_end in ppo_micro_batches(cfg, exp.action_mask, critic.dp_size, group, seed):
-        mb, mask = {k: v[idx] for k, v in exp.batch.items()}, exp.action_mask[idx]
-        vloss = ppo_math.value_loss(token_values(critic, mb), exp.values[idx], exp.returns[idx], mask, cfg.algo.value_clip, step_tokens)
-        critic.backward(vloss * critic.grad_scale)
-        critic.step()
-        sums["value_loss"] += vloss.item()
-        sums["critic_updates"] += float(step_end)
+    for micro_batches, step_tokens in ppo_steps(cfg, exp.action_mask, critic.dp_size, group, seed):
+        for idx in micro_batches:
+            mb, mask = {k: v[idx] for k, v in exp.batch.items()}, exp.action_mask[idx]
+            vloss = ppo_math.value_loss(token_values(critic, mb), exp.values[idx], exp.returns[idx], mask, cfg.algo.value_clip, step_tokens)
+            critic.backward(vloss * critic.grad_scale)
+            critic.step()
+            sums["value_loss"] += vloss.item()
+        sums["critic_updates"] += 1
     return sums
 
 
@@ -426,7 +462,18 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     roles = RoleEngines(actor, critic, reference, reward_models, SampleRouter(topology, rank), groups)
     generator = HFGenerator(actor, tokenizer, rollout) if actor is not None else None
     scorer = Scorer(cfg, tokenizer, roles, remote, reward_fn, kl_ctl)
-    engines = {name: e for name, e in (("actor", actor), ("critic", critic)) if e is not None}
+    ema = WeightEMA(actor, algo.ema_beta) if algo.enable_ema and actor is not None else None
+    engines = {name: e for name, e in (("actor", actor), ("actor_ema", ema), ("critic", critic)) if e is not None}
+    ptx = None
+    if cfg.data.pretrain_data and actor is not None:
+        ptx_cfg = DataConfig(
+            dataset=cfg.data.pretrain_data, dataset_probs=cfg.data.pretrain_data_probs, input_key=cfg.data.pretrain_input_key,
+            output_key=None, pretrain_mode=True, max_len=cfg.data.pretrain_max_len or cfg.data.prompt_max_len + rollout.generate_max_len,
+        )
+        rows = load_mixture(ptx_cfg.dataset, ptx_cfg.dataset_probs, ptx_cfg.train_split, cfg.data.max_samples, cfg.train.seed)
+        index, dp = topology.slot_index("actor", rank)
+        ptx = PretrainMix(tokenize_sft(rows, tokenizer, ptx_cfg), index, dp, cfg.train.micro_train_batch_size, cfg.train.seed)
+    ptx_per_step = algo.ppo_epochs * samples_per_step // topology.dp_size("actor") // cfg.train.micro_train_batch_size
 
     # 4. Resume: engines, RNG, KL controller, step. (Seeded again here: building engines draws
     # random numbers, and a rank builds only its roles', so sampling would depend on the placement.)
@@ -457,10 +504,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         timings = dict.fromkeys(("generate", "sync", "score", "train"), 0.0)
         actor_batch, critic_batch, exp_stats = make_experience(cfg, roles, generator, scorer, my_prompts, timings)
         started = time.perf_counter()
-        train_sums = dict.fromkeys(("policy_loss", "clip_fraction", "approx_kl", "entropy", "actor_updates", "value_loss", "critic_updates"), 0.0)
+        train_sums = dict.fromkeys(("policy_loss", "clip_fraction", "approx_kl", "entropy", "ptx_loss", "actor_updates", "value_loss", "critic_updates"), 0.0)
         seed = cfg.train.seed * 7919 + step
         if actor_batch is not None and step >= algo.freezing_actor_steps:
-            train_sums.update(train_actor(cfg, actor_batch, actor, groups.group("actor"), kl_ctl.value, seed))
+            train_sums.update(train_actor(cfg, actor_batch, actor, groups.group("actor"), kl_ctl.value, seed, ptx, step * ptx_per_step, ema, tokenizer.pad_token_id))
         if critic_batch is not None:
             train_sums.update(train_critic(cfg, critic_batch, critic, groups.group("critic"), seed))
         timings["train"] = time.perf_counter() - started
@@ -471,6 +518,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         record.update({k: totals[k] / n_samples for k in scorer.source_names})
         actor_steps = max(totals["actor_updates"] / topology.dp_size("actor"), 1.0)
         record.update({k: totals[k] / actor_steps for k in ("policy_loss", "clip_fraction", "approx_kl", "entropy")})
+        if cfg.data.pretrain_data:
+            record["ptx_loss"] = totals["ptx_loss"] / actor_steps
         if use_critic:
             record["value_loss"] = totals["value_loss"] / max(totals["critic_updates"] / topology.dp_size("critic"), 1.0)
         record.update({f"time_{k}": v for k, v in timings.items()}, kl_coef=kl_ctl.value, lr=actor.lr if actor is not None else 0.0)
@@ -493,7 +542,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         png = plot_metrics(metrics_path, keys, os.path.join(cfg.ckpt.save_path, "reward_curve.png"))
         steps, values = metric_series(read_metrics(metrics_path), keys[-1])
         print(f"{keys[-1]} by step: " + ", ".join(f"{s}: {v:.3f}" for s, v in zip(steps, values)) + f"  (plot: {png})", flush=True)
-    finish(actor, tokenizer, cfg, launch)
+    with ema.swapped_in() if ema is not None else contextlib.nullcontext():  # --enable_ema exports the average
+        finish(actor, tokenizer, cfg, launch)
 
 
 if __name__ == "__main__":

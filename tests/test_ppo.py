@@ -6,6 +6,7 @@ import shutil
 import textwrap
 
 import pytest
+import torch
 
 from helpers import ZERO3_FORCE_GATHER, error_lines, read_jsonl, run_trainer
 
@@ -61,7 +62,8 @@ def test_colocated_zero_stages_run(sft_tiny_model, tmp_path, stage):
 
 
 def test_ppo_resume_equals_uninterrupted(sft_tiny_model, tmp_path):
-    common = ["--zero_stage", "0", "--max_steps", "4", "--eval_prompt_data", "None"]
+    """Resume from step 2 of 4, with the EMA of the actor in the checkpoint too: same metrics, same exported (EMA) weights."""
+    common = ["--zero_stage", "0", "--max_steps", "4", "--eval_prompt_data", "None", "--enable_ema", "--ema_beta", "0.5"]
     straight = tmp_path / "straight"
     run_trainer("rlhf.ppo", ppo_args(sft_tiny_model, straight, *common, "--save_steps", "2"))
     ckpt = tmp_path / "ckpt"
@@ -74,6 +76,44 @@ def test_ppo_resume_equals_uninterrupted(sft_tiny_model, tmp_path):
     for a, b in zip(full[2:], tail):
         assert b["reward"] == pytest.approx(a["reward"], abs=1e-6)
         assert b["policy_loss"] == pytest.approx(a["policy_loss"], abs=1e-6)
+    a, b = weights(straight), weights(resumed)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def weights(out):
+    from safetensors.torch import load_file
+
+    return load_file(out / "model" / "model.safetensors")
+
+
+def test_ema_export(sft_tiny_model, tmp_path):
+    """--enable_ema exports the average: with beta 1 it never moves (the SFT weights come out),
+    with beta 0 it is the last weights (the plain run's export)."""
+    common = ["--max_steps", "2", "--eval_prompt_data", "None", "--learning_rate", "1e-4"]
+    for name, extra in (("plain", []), ("beta1", ["--enable_ema", "--ema_beta", "1.0"]), ("beta0", ["--enable_ema", "--ema_beta", "0.0"])):
+        run_trainer("rlhf.ppo", ppo_args(sft_tiny_model, tmp_path / name, *common, *extra))
+    start, plain = load_sft_weights(sft_tiny_model), weights(tmp_path / "plain")
+    assert any(not torch.equal(start[k], plain[k]) for k in start)  # training moved the weights
+    beta1, beta0 = weights(tmp_path / "beta1"), weights(tmp_path / "beta0")
+    assert all(torch.equal(beta1[k], start[k]) for k in start)
+    assert all(torch.equal(beta0[k], plain[k]) for k in plain)
+
+
+def load_sft_weights(path):
+    from safetensors.torch import load_file
+
+    return load_file(path / "model.safetensors")
+
+
+def test_ptx_loss_is_trained(sft_tiny_model, tmp_path):
+    """--pretrain_data / --ptx_coef: the SFT'd model has never seen raw "a+b=c" lines (8.1 nats
+    per token); mixed into the actor loss, their NLL falls. Measured 6.8 (mean over step 1) -> 4.1 at step 4."""
+    run_trainer("rlhf.ppo", ppo_args(
+        sft_tiny_model, tmp_path, "--max_steps", "4", "--eval_prompt_data", "None", "--learning_rate", "1e-3",
+        "--pretrain_data", "embedded:arith/pretrain.jsonl", "--pretrain_max_len", "24", "--ptx_coef", "1.0",
+    ))
+    ptx = [r["ptx_loss"] for r in read_jsonl(tmp_path / "model" / "metrics.jsonl") if "ptx_loss" in r]
+    assert len(ptx) == 4 and ptx[-1] < 0.7 * ptx[0], ptx
 
 
 def reward_module(tmp_path, body: str) -> str:
