@@ -50,6 +50,21 @@ def test_ppo_with_critic_raises_heldout_accuracy(sft_tiny_model, tmp_path):
     assert (tmp_path / "model" / "critic" / "config.json").is_file()
 
 
+@pytest.mark.slow
+def test_rm_driven_ppo_raises_rm_score_within_kl_bound(sft_weak_model, rm_tiny_model, tmp_path):
+    """PPO with a critic, rewarded only by the reward model (no verifiable reward), from a weaker
+    SFT start: the RM score of greedy held-out answers rises while the KL to the reference stays
+    bounded. Measured: eval RM score 1.879 -> 1.958 (best 1.976); KL per sample at most 0.49."""
+    run_trainer("rlhf.ppo", ppo_args(
+        sft_weak_model, tmp_path, "--reward_func", "None", "--reward_pretrain", str(rm_tiny_model),
+        "--advantage_estimator", "gae", "--critic_learning_rate", "1e-3", "--learning_rate", "2e-5", "--init_kl_coef", "0.01",
+    ), timeout=1500)
+    curve = eval_rewards(tmp_path)
+    assert curve[-1] >= curve[0] + 0.04 and max(curve) >= curve[0] + 0.07, f"eval RM score curve {curve}"
+    kl = [r["kl"] for r in read_jsonl(tmp_path / "model" / "metrics.jsonl") if "kl" in r]
+    assert max(kl) < 0.6, kl
+
+
 @pytest.mark.parametrize("stage", [2, 3])
 def test_colocated_zero_stages_run(sft_tiny_model, tmp_path, stage):
     extra = ["--ds_config", ZERO3_FORCE_GATHER] if stage == 3 else []
