@@ -548,6 +548,8 @@ class PlacementConfig:
     """Split placement: the reference and the reward models share ranks."""
     colocate_all_models: bool = False
     """Every role on every rank (the default when no per-role count is given)."""
+    ref_reward_offload: bool = False
+    """Keep the reference and reward models' weights in CPU memory between their forwards (DeepSpeed ZeRO-3 parameter offload), freeing accelerator memory for generation and training."""
 
     FLAG_PREFIX = {"actor": "actor", "critic": "critic", "reward": "reward", "reference": "ref"}
 

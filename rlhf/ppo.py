@@ -449,9 +449,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         actor_train = dataclasses.replace(cfg.train, learning_rate=algo.actor_learning_rate or cfg.train.learning_rate)
         actor = TrainEngine(load_causal_lm(cfg.model), actor_train, bf16=cfg.model.bf16, total_steps=updates, dp_size=topology.dp_size("actor"), mpu=mpu)
     if "reference" in mine:
-        reference = FrozenEngine(load_causal_lm(frozen_model_cfg(cfg, cfg.model.pretrain)), cfg.train, bf16=cfg.model.bf16, dp_size=topology.dp_size("reference"), mpu=mpu)
+        reference = FrozenEngine(load_causal_lm(frozen_model_cfg(cfg, cfg.model.pretrain)), cfg.train, bf16=cfg.model.bf16, dp_size=topology.dp_size("reference"), mpu=mpu, offload=placement.ref_reward_offload)
     if "reward" in mine:
-        reward_models = [FrozenEngine(load_reward_model(frozen_model_cfg(cfg, p), pad_token_id=tokenizer.pad_token_id), cfg.train, bf16=cfg.model.bf16, dp_size=topology.dp_size("reward"), mpu=mpu) for p in reward_paths]
+        reward_models = [FrozenEngine(load_reward_model(frozen_model_cfg(cfg, p), pad_token_id=tokenizer.pad_token_id), cfg.train, bf16=cfg.model.bf16, dp_size=topology.dp_size("reward"), mpu=mpu, offload=placement.ref_reward_offload) for p in reward_paths]
     if "critic" in mine:
         critic_cfg = dataclasses.replace(cfg.model, pretrain=algo.critic_pretrain or (reward_paths[0] if reward_paths else cfg.model.pretrain))
         critic_train = dataclasses.replace(cfg.train, learning_rate=algo.critic_learning_rate or cfg.train.learning_rate)

@@ -59,9 +59,10 @@ def colocated_run(sft_tiny_model, rm_tiny_model, tmp_path_factory):
 
 @pytest.mark.parametrize("stage", [2, 3])
 def test_split_placement_equals_colocated(sft_tiny_model, rm_tiny_model, colocated_run, tmp_path, stage):
-    """ZeRO-2, and ZeRO-3 with every parameter partitioned (the 1-rank reference and reward
-    engines too): same metrics and weights as the colocated run, to 1e-5."""
-    extra = ["--ds_config", ZERO3_FORCE_GATHER] if stage == 3 else []
+    """ZeRO-2 (with the reference and reward weights offloaded to the CPU between forwards), and
+    ZeRO-3 with every parameter partitioned (the 1-rank reference and reward engines too): same
+    metrics and weights as the colocated run, to 1e-5."""
+    extra = ["--ds_config", ZERO3_FORCE_GATHER] if stage == 3 else ["--ref_reward_offload"]
     run_trainer("rlhf.ppo", gae_args(sft_tiny_model, rm_tiny_model, tmp_path, "--zero_stage", str(stage), *SPLIT, *extra), nproc=4)
     records = step_records(tmp_path)
     assert len(records) == 3 and records[-1]["kl"] > 0  # the policy moved away from the reference
