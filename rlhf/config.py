@@ -528,6 +528,12 @@ class PlacementConfig:
     """Nodes of the actor role (split placement: ranks = nodes x GPUs per node)."""
     actor_num_gpus_per_node: Optional[int] = None
     """GPUs (ranks) per node of the actor role; giving any role's count selects the split placement."""
+    rollout_num_nodes: int = 1
+    """Nodes of a generation role apart from the actor (split placement; the actor's weights are broadcast to it every step)."""
+    rollout_num_gpus_per_node: Optional[int] = None
+    """GPUs per node generating rollouts apart from the actor (default: the actor's ranks generate with its live weights)."""
+    weight_sync_bucket_mb: float = 64.0
+    """Size of the buckets in which the actor's weights are gathered and broadcast to the rollout ranks."""
     critic_num_nodes: int = 1
     """Nodes of the critic role (gae only)."""
     critic_num_gpus_per_node: Optional[int] = None
@@ -551,13 +557,20 @@ class PlacementConfig:
     ref_reward_offload: bool = False
     """Keep the reference and reward models' weights in CPU memory between their forwards (DeepSpeed ZeRO-3 parameter offload), freeing accelerator memory for generation and training."""
 
-    FLAG_PREFIX = {"actor": "actor", "critic": "critic", "reward": "reward", "reference": "ref"}
+    FLAG_PREFIX = {"actor": "actor", "rollout": "rollout", "critic": "critic", "reward": "reward", "reference": "ref"}
 
     def validate(self) -> None:
         for role, prefix in self.FLAG_PREFIX.items():
             nodes, gpus = getattr(self, f"{prefix}_num_nodes"), getattr(self, f"{prefix}_num_gpus_per_node")
             if nodes < 1 or (gpus is not None and gpus < 1):
                 raise UserError(f"--{prefix}_num_nodes and --{prefix}_num_gpus_per_node must be >= 1, got {nodes} and {gpus}")
+        if self.weight_sync_bucket_mb <= 0:
+            raise UserError(f"--weight_sync_bucket_mb must be > 0, got {self.weight_sync_bucket_mb}")
+
+    @property
+    def separate_rollout(self) -> bool:
+        """Generation on ranks of its own (split placement with --rollout_num_gpus_per_node)."""
+        return self.is_split and self.rollout_num_gpus_per_node is not None
 
     @property
     def is_split(self) -> bool:
@@ -607,6 +620,8 @@ class PPOConfig:
         per_step = self.rollout.rollout_batch_size * self.rollout.n_samples_per_prompt
         if per_step % self.train.train_batch_size != 0:
             raise UserError(f"--rollout_batch_size x --n_samples_per_prompt = {per_step} must be a multiple of --train_batch_size {self.train.train_batch_size}")
+        if self.placement.separate_rollout and self.model.lora_rank > 0:
+            raise UserError("--rollout_num_gpus_per_node with --lora_rank: rollout ranks of their own need full weights; generate on the actor's ranks (drop --rollout_num_gpus_per_node)")
 
 
 # ----------------------------------------------------------------------------------------------

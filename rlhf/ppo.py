@@ -7,10 +7,14 @@
         --rollout_batch_size 1024 --micro_rollout_batch_size 16 --train_batch_size 128 \\
         --micro_train_batch_size 4 --zero_stage 3 --bf16 --actor_learning_rate 5e-7 --critic_learning_rate 9e-6
 
-Placement: colocated. Every rank holds a shard of every role (actor, critic, reference, reward)
-and the phases of a step time-share the ranks: generate (HF generate on the actor's live
-weights, so no weight sync is needed), score (reference log-probs, critic values, rewards),
-advantages (pure functions chosen by --advantage_estimator), train (actor and critic).
+Placement (rlhf.dist.topology): colocated, every rank holds a shard of every role (actor,
+critic, reference, reward) and the phases of a step time-share the ranks; or split, each role on
+its own ranks (--actor_num_gpus_per_node ...), a DeepSpeed engine per role on its own process
+group, with rollouts routed between groups (rlhf.dist.exchange). Generation runs on the actor's
+ranks with its live weights, or on rollout ranks of their own that receive the actor's weights
+by broadcast before every rollout (rlhf.rollout.sync). Phases: generate, score (reference
+log-probs, critic values, rewards), advantages (pure functions chosen by
+--advantage_estimator), train (actor and critic).
 
 Steps: 1 launch, 2 data, 3 engines, 4 resume, 5 loop (experience -> advantages -> train ->
 eval -> log -> checkpoint), 6 export.
@@ -48,6 +52,7 @@ from rlhf.metrics import MetricsLogger, metric_series, plot_metrics, read_metric
 from rlhf.models.loading import load_causal_lm, load_reward_model, load_tokenizer
 from rlhf.rewards import RemoteReward, RewardFunction, combine, normalise_score, parse_weights
 from rlhf.rollout.hf import HFGenerator
+from rlhf.rollout.sync import WeightBroadcast
 from rlhf.trainer import all_reduce_sums, all_reduce_tensor, finish
 
 CRITIC_ESTIMATORS = ("gae",)
@@ -63,9 +68,15 @@ class RoleEngines:
     reward_models: list[FrozenEngine]
     router: SampleRouter
     groups: RoleGroups
+    generator: Optional[HFGenerator]  # on the ranks that generate: the rollout role's if placed, else the actor's
+    weight_sync: Optional[WeightBroadcast]  # actor -> rollout ranks, when generation has ranks of its own
 
     def group(self, role: str):
         return self.groups.group(role)
+
+    @property
+    def generating_role(self) -> str:
+        return "rollout" if "rollout" in self.groups.topology.roles else "actor"
 
 
 @dataclass
@@ -210,19 +221,36 @@ def scoring_roles(topology: Topology, use_reference_engine: bool) -> list[str]:
     return [role for role in ("reference", "critic", "reward") if role in topology.roles and (role != "reference" or use_reference_engine)]
 
 
-def make_experience(cfg: PPOConfig, roles: RoleEngines, generator: Optional[HFGenerator], scorer: Scorer, prompts: list[Prompt], timings: dict) -> tuple[Optional[ActorBatch], Optional[CriticBatch], dict[str, float]]:
-    """Collective. Generate n responses per prompt on the actor ranks, score them on every role's
-    ranks, and turn rewards into advantages (actor ranks) and returns (critic ranks)."""
+def generate(cfg: PPOConfig, roles: RoleEngines, prompts: list[Prompt], tags: list, greedy: bool, timings: dict) -> list[tuple]:
+    """Collective. Sync the actor's weights to the generating ranks if they are apart, generate
+    for ``prompts`` (this generating rank's share; ``tags`` ride along), and return this actor
+    rank's share of (prompt, response ids, finished with EOS, tag)."""
+    items: list[tuple] = []
+    started = time.perf_counter()
+    if roles.weight_sync is not None:
+        roles.weight_sync.send(cfg.train.zero_stage == 3) if roles.actor is not None else roles.weight_sync.receive()
+    sync = time.perf_counter() - started
+    if roles.generator is not None:
+        gen = roles.generator.generate([p.ids for p in prompts], greedy=greedy)
+        items = list(zip(prompts, gen.responses, gen.finished, tags))
+        sync += gen.sync_seconds  # ZeRO-3: gathering the actor's shards for generation
+    if roles.generating_role == "rollout":
+        items = roles.router.share(items, ["actor"], source="rollout").get("actor", [])
+    timings["sync"], timings["generate"] = sync, time.perf_counter() - started - sync
+    return items
+
+
+def make_experience(cfg: PPOConfig, roles: RoleEngines, scorer: Scorer, prompts: list[Prompt], timings: dict) -> tuple[Optional[ActorBatch], Optional[CriticBatch], dict[str, float]]:
+    """Collective. Generate n responses per prompt (``prompts``: this generating rank's share),
+    score them on every role's ranks, and turn rewards into advantages (actor ranks) and returns
+    (critic ranks)."""
     n, pad_id, actor = cfg.rollout.n_samples_per_prompt, scorer.pad_id, roles.actor
     expanded = [p for p in prompts for _ in range(n)]  # the n samples of a prompt stay together
-    samples: list[Sample] = []
+    items = generate(cfg, roles, expanded, [None] * len(expanded), greedy=False, timings=timings)
+    expanded = [prompt for prompt, *_ in items]
+    responses = [response for _, response, *_ in items]
+    samples = [Sample(p.ids + r, [0] * len(p.ids) + [1] * len(r)) for p, r in zip(expanded, responses)]
     stats: dict[str, float] = dict.fromkeys(["reward", "kl", "response_length", "truncated", "samples", *scorer.source_names], 0.0)
-    started = time.perf_counter()
-    if actor is not None:
-        gen = generator.generate([p.ids for p in expanded])
-        samples = [Sample(p.ids + r, [0] * len(p.ids) + [1] * len(r)) for p, r in zip(expanded, gen.responses)]
-        timings["sync"] = gen.sync_seconds
-    timings["generate"] = time.perf_counter() - started - timings.get("sync", 0.0)
 
     started = time.perf_counter()
     score_roles = scoring_roles(roles.groups.topology, use_reference_engine=cfg.model.lora_rank == 0)
@@ -241,8 +269,8 @@ def make_experience(cfg: PPOConfig, roles: RoleEngines, generator: Optional[HFGe
                 with actor.module.disable_adapter():
                     ref_logp = torch.cat([policy_logp(actor, mb)[0] for _, mb in in_micro_batches(batch, cfg.rollout.micro_rollout_batch_size)])
         values = padded(results["critic"], width) if "critic" in results else None
-        seq_reward, per_source = scorer.rewards(expanded, gen.responses, results.get("reward", [[]] * len(samples)))
-        hit_limit = torch.tensor([not f for f in gen.finished])
+        seq_reward, per_source = scorer.rewards(expanded, responses, results.get("reward", [[]] * len(samples)))
+        hit_limit = torch.tensor([not finished for _, _, finished, _ in items])
         seq_reward = ppo_math.overlong_penalty(seq_reward, hit_limit, cfg.algo.overlong_penalty).to(device())
 
         kl = ppo_math.kl_estimate(old_logp, ref_logp, cfg.algo.kl_estimator) * action_mask  # [B, T-1]
@@ -370,22 +398,24 @@ def train_critic(cfg: PPOConfig, exp: CriticBatch, critic: TrainEngine, group, s
 
 
 @torch.no_grad()
-def eval_reward(roles: RoleEngines, generator: Optional[HFGenerator], scorer: Scorer, prompts: list[Prompt], rank: int) -> float:
+def eval_reward(cfg: PPOConfig, roles: RoleEngines, scorer: Scorer, prompts: list[Prompt], rank: int) -> float:
     """Collective. Mean combined reward of greedy responses to the held-out prompts."""
-    samples, mine, padded_prompts, responses = [], [], [], []
-    if roles.actor is not None:
-        index, dp = roles.groups.topology.slot_index("actor", rank)
+    mine, counted = [], []
+    if roles.generator is not None:
+        index, dp = roles.groups.topology.slot_index(roles.generating_role, rank)
         mine = prompts[index::dp]
         most = -(-len(prompts) // dp)
-        padded_prompts = mine + [prompts[0]] * (most - len(mine))  # equal counts keep the roles' shares equal
-        responses = generator.generate([p.ids for p in padded_prompts], greedy=True).responses
-        samples = [Sample(p.ids + r, [0] * len(p.ids) + [1] * len(r)) for p, r in zip(padded_prompts, responses)]
+        counted = [True] * len(mine) + [False] * (most - len(mine))
+        mine = mine + [prompts[0]] * (most - len(mine))  # equal counts keep the roles' shares equal
+    items = generate(cfg, roles, mine, counted, greedy=True, timings={})
+    samples = [Sample(p.ids + r, [0] * len(p.ids) + [1] * len(r)) for p, r, *_ in items]
     results, _, _ = scorer.score(samples, [r for r in ("reward",) if r in roles.groups.topology.roles])
-    total = 0.0
-    if roles.actor is not None:
-        reward, _ = scorer.rewards(padded_prompts, responses, results.get("reward", [[]] * len(samples)))
-        total = reward[: len(mine)].sum().item()
-    totals = all_reduce_sums({"reward": total, "n": float(len(mine))})
+    total, n = 0.0, 0.0
+    if roles.actor is not None and items:
+        reward, _ = scorer.rewards([p for p, *_ in items], [r for _, r, *_ in items], results.get("reward", [[]] * len(samples)))
+        keep = torch.tensor([tag for *_, tag in items])
+        total, n = reward[keep].sum().item(), float(keep.sum().item())
+    totals = all_reduce_sums({"reward": total, "n": n})
     return totals["reward"] / max(totals["n"], 1)
 
 
@@ -409,19 +439,23 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     launch = init_distributed()
     use_critic = algo.advantage_estimator in CRITIC_ESTIMATORS
     reward_paths = algo.reward_pretrain.split(",") if algo.reward_pretrain else []
-    in_use = ("actor",) + (("critic",) if use_critic else ()) + (("reward",) if reward_paths else ()) + (("reference",) if cfg.model.lora_rank == 0 else ())
+    in_use = ("actor",) + (("rollout",) if cfg.placement.separate_rollout else ()) + (("critic",) if use_critic else ()) + (("reward",) if reward_paths else ()) + (("reference",) if cfg.model.lora_rank == 0 else ())
     placement = cfg.placement
     if placement.is_split:
         topology = Topology.split(launch.world_size, placement.role_sizes(in_use), placement.shared_roles(in_use))
     else:
         topology = Topology.colocated(launch.world_size, in_use)
     samples_per_step = rollout.rollout_batch_size * rollout.n_samples_per_prompt
-    topology.check_divides("actor", rollout.rollout_batch_size, "--rollout_batch_size")
+    for role in ("actor", "rollout"):
+        if role in topology.roles:
+            topology.check_divides(role, rollout.rollout_batch_size, "--rollout_batch_size")
     for role in topology.roles:
         topology.check_divides(role, samples_per_step, "--rollout_batch_size x --n_samples_per_prompt")
         if role in ("actor", "critic"):
             topology.check_divides(role, cfg.train.train_batch_size, "--train_batch_size")
     groups = topology.build_groups()
+    sync_members = [topology.ranks("actor")[0], *topology.ranks("rollout")] if "rollout" in topology.roles else []
+    sync_group = dist.new_group(sync_members) if sync_members else None  # collective: every rank builds it
     mine = topology.roles_of(launch.rank)
     mpu = None
     if not topology.is_colocated:
@@ -459,8 +493,15 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     reward_fn = RewardFunction(algo.reward_func) if algo.reward_func else None
     remote = RemoteReward(algo.remote_rm_url, algo.remote_rm_timeout, algo.remote_rm_retries) if algo.remote_rm_url else None
     kl_ctl = ppo_math.AdaptiveKLController(algo.init_kl_coef, algo.kl_target, algo.kl_horizon) if algo.kl_target else ppo_math.FixedKLController(algo.init_kl_coef)
-    roles = RoleEngines(actor, critic, reference, reward_models, SampleRouter(topology, rank), groups)
-    generator = HFGenerator(actor, tokenizer, rollout) if actor is not None else None
+    generator = weight_sync = None
+    if "rollout" in mine:  # a plain copy of the policy, refreshed from the actor before each generation
+        policy = load_causal_lm(frozen_model_cfg(cfg, cfg.model.pretrain)).to(device()).requires_grad_(False).eval()
+        generator = HFGenerator(policy, tokenizer, rollout)
+        weight_sync = WeightBroadcast(sync_group, sync_members, policy, placement.weight_sync_bucket_mb)
+    elif actor is not None:
+        generator = HFGenerator(actor.module, tokenizer, rollout, actor.unpartitioned) if "rollout" not in topology.roles else None
+        weight_sync = WeightBroadcast(sync_group, sync_members, actor.module, placement.weight_sync_bucket_mb) if sync_members else None
+    roles = RoleEngines(actor, critic, reference, reward_models, SampleRouter(topology, rank), groups, generator, weight_sync)
     scorer = Scorer(cfg, tokenizer, roles, remote, reward_fn, kl_ctl)
     ema = WeightEMA(actor, algo.ema_beta) if algo.enable_ema and actor is not None else None
     engines = {name: e for name, e in (("actor", actor), ("actor_ema", ema), ("critic", critic)) if e is not None}
@@ -490,19 +531,19 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     if start_step:
         logger.log(start_step, {"resumed_from_step": start_step})
     elif eval_prompts:
-        logger.log(0, {"eval_reward": eval_reward(roles, generator, scorer, eval_prompts, rank)})
+        logger.log(0, {"eval_reward": eval_reward(cfg, roles, scorer, eval_prompts, rank)})
     for step in range(start_step, total_steps):
         episode, step_in_episode = divmod(step, per_episode)
         order = list(range(len(prompts)))
         random.Random(cfg.train.seed * 1000 + episode).shuffle(order)
         window = order[step_in_episode * rollout.rollout_batch_size : (step_in_episode + 1) * rollout.rollout_batch_size]
         my_prompts = []
-        if actor is not None:
-            index, dp = topology.slot_index("actor", rank)
+        if generator is not None:
+            index, dp = topology.slot_index(roles.generating_role, rank)
             my_prompts = [prompts[i] for i in window[index::dp]]
 
         timings = dict.fromkeys(("generate", "sync", "score", "train"), 0.0)
-        actor_batch, critic_batch, exp_stats = make_experience(cfg, roles, generator, scorer, my_prompts, timings)
+        actor_batch, critic_batch, exp_stats = make_experience(cfg, roles, scorer, my_prompts, timings)
         started = time.perf_counter()
         train_sums = dict.fromkeys(("policy_loss", "clip_fraction", "approx_kl", "entropy", "ptx_loss", "actor_updates", "value_loss", "critic_updates"), 0.0)
         seed = cfg.train.seed * 7919 + step
@@ -523,11 +564,13 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         if use_critic:
             record["value_loss"] = totals["value_loss"] / max(totals["critic_updates"] / topology.dp_size("critic"), 1.0)
         record.update({f"time_{k}": v for k, v in timings.items()}, kl_coef=kl_ctl.value, lr=actor.lr if actor is not None else 0.0)
+        if weight_sync is not None:
+            record["weight_sync_mb"] = weight_sync.last_bytes / 2**20
         kl_ctl.update(record["kl"], samples_per_step)
 
         done = step + 1
         if eval_prompts and (done % algo.eval_every == 0 or done == total_steps):
-            record["eval_reward"] = eval_reward(roles, generator, scorer, eval_prompts, rank)
+            record["eval_reward"] = eval_reward(cfg, roles, scorer, eval_prompts, rank)
         logger.log(done, record)
         if cfg.ckpt.save_steps > 0 and done % cfg.ckpt.save_steps == 0 and done < total_steps:
             save_checkpoint(cfg.ckpt.ckpt_path, done, engines, {"episode": episode, "kl_ctl": kl_ctl.state_dict()}, cfg.ckpt.max_ckpt_num)

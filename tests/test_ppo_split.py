@@ -105,3 +105,29 @@ def test_split_placement_is_validated(sft_tiny_model, rm_tiny_model, tmp_path, e
     lines = error_lines(proc.stderr)
     assert proc.returncode != 0 and len(lines) == 1, proc.stderr[-3000:]
     assert expected in lines[0]
+
+
+def test_rollout_ranks_of_their_own_get_the_actors_weights_every_step(sft_tiny_model, tmp_path):
+    """Generation on 2 rollout ranks apart from the 2 actor ranks (ZeRO-3, every parameter
+    partitioned): the actor's weights are gathered in ~0.5 MB buckets and broadcast before each
+    rollout. Samples, rewards, losses and the greedy eval then equal the colocated run's, where
+    generation reads the live weights; a stale or partial sync would change them from step 2 on."""
+    def grpo(out, *extra):
+        return [
+            "--config", "configs/grpo_tiny.yaml", "--pretrain", str(sft_tiny_model), "--max_steps", "3", "--eval_every", "3",
+            "--zero_stage", "3", "--ds_config", ZERO3_FORCE_GATHER, "--init_kl_coef", "0.05",
+            "--save_path", str(out / "model"), "--ckpt_path", str(out / "ckpt"), *extra,
+        ]
+
+    run_trainer("rlhf.ppo", grpo(tmp_path / "colocated"))
+    split = ["--actor_num_gpus_per_node", "2", "--rollout_num_gpus_per_node", "2", "--ref_num_gpus_per_node", "1", "--weight_sync_bucket_mb", "0.5"]
+    run_trainer("rlhf.ppo", grpo(tmp_path / "split", *split), nproc=5)
+    a, b = [read_jsonl(tmp_path / name / "model" / "metrics.jsonl") for name in ("colocated", "split")]
+    assert [r["step"] for r in a] == [r["step"] for r in b] == [0, 1, 2, 3]
+    for x, y in zip(a, b):
+        for key in ("reward", "kl", "policy_loss", "response_length", "eval_reward"):
+            if key in x:
+                assert y[key] == pytest.approx(x[key], abs=1e-6), (key, x["step"])
+    assert b[-1]["kl"] > 0 and b[-1]["eval_reward"] != b[0]["eval_reward"]  # the policy did move
+    n_params = sum(t.numel() for t in load_file(tmp_path / "split" / "model" / "model.safetensors").values())
+    assert b[1]["weight_sync_mb"] == pytest.approx(n_params * 4 / 2**20)  # every fp32 weight, once per step

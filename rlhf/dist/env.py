@@ -11,6 +11,11 @@ Supported launchers, tried in this order:
 - nothing: a single process (rank 0 of 1) on 127.0.0.1.
 
 The backend is NCCL when CUDA is available, gloo otherwise.
+
+Outside torchrun (whose own rendezvous has ``--rdzv_conf join_timeout``), the ranks meet in a
+TCP store on MASTER_ADDR:MASTER_PORT that waits at most ``RLHF_RDZV_TIMEOUT`` seconds (default
+600) for every rank: a node or task count the job never reaches, or a master that cannot be
+reached, ends in a one-line error instead of a hang.
 """
 
 from __future__ import annotations
@@ -115,6 +120,54 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+DEFAULT_RDZV_TIMEOUT_S = 600.0
+
+
+def rendezvous_timeout_s(env: Optional[Mapping[str, str]] = None) -> float:
+    env = os.environ if env is None else env
+    raw = env.get("RLHF_RDZV_TIMEOUT", "")
+    try:
+        value = float(raw) if raw else DEFAULT_RDZV_TIMEOUT_S
+    except ValueError:
+        raise UserError(f"launch environment: RLHF_RDZV_TIMEOUT={raw!r} is not a number of seconds") from None
+    if value <= 0:
+        raise UserError(f"launch environment: RLHF_RDZV_TIMEOUT={raw!r} must be > 0 seconds")
+    return value
+
+
+def _rendezvous_store(launch: LaunchEnv, timeout_s: float) -> "dist.TCPStore":
+    """A TCP store every rank joins within ``timeout_s``, or a UserError that says what is missing."""
+    hint = {
+        "slurm": "SLURM_NTASKS and the tasks srun started",
+        "ngc": "NGC_ARRAY_SIZE and the replicas running",
+    }.get(launch.launcher, "WORLD_SIZE and the processes started")
+    where = f"{launch.master_addr}:{launch.master_port}"
+    try:
+        socket.getaddrinfo(launch.master_addr, launch.master_port)
+    except socket.gaierror as err:
+        raise UserError(f"launch environment: master address {launch.master_addr!r} does not resolve ({err.strerror}); set MASTER_ADDR to the host of rank 0") from None
+    try:
+        return dist.TCPStore(
+            launch.master_addr,
+            launch.master_port,
+            world_size=launch.world_size,
+            is_master=launch.rank == 0,
+            timeout=timedelta(seconds=timeout_s),
+            wait_for_workers=True,
+        )
+    except (RuntimeError, OSError) as err:  # DistStoreError / DistNetworkError / timeouts
+        detail = " ".join(str(err).split())[:300]
+        if launch.rank == 0:
+            raise UserError(
+                f"launch environment: rendezvous at {where} timed out after {timeout_s:.0f}s waiting for {launch.world_size} ranks "
+                f"(check {hint}; RLHF_RDZV_TIMEOUT sets the wait): {detail}"
+            ) from None
+        raise UserError(
+            f"launch environment: rank {launch.rank} could not reach the master at {where} within {timeout_s:.0f}s "
+            f"(is rank 0 running and is MASTER_ADDR its address? RLHF_RDZV_TIMEOUT sets the wait): {detail}"
+        ) from None
+
+
 def backend_for_device() -> str:
     return "nccl" if torch.cuda.is_available() else "gloo"
 
@@ -138,8 +191,14 @@ def init_distributed(timeout_minutes: float = 30.0) -> LaunchEnv:
         os.environ.setdefault("RANK", str(launch.rank))
         os.environ.setdefault("WORLD_SIZE", str(launch.world_size))
         os.environ.setdefault("LOCAL_RANK", str(launch.local_rank))
+        store = None
+        if launch.world_size > 1 and "TORCHELASTIC_RUN_ID" not in os.environ:
+            # Not under torchrun: meet in a store with a bounded wait (torchrun bounds its own).
+            store = _rendezvous_store(launch, rendezvous_timeout_s())
+            store.set_timeout(timedelta(minutes=timeout_minutes))
         dist.init_process_group(
             backend=backend_for_device(),
+            store=store,
             rank=launch.rank,
             world_size=launch.world_size,
             timeout=timedelta(minutes=timeout_minutes),

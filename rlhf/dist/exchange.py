@@ -29,14 +29,15 @@ class SampleRouter:
     def holds(self, role: str) -> bool:
         return role in self.topology.roles and self.rank in self.topology.ranks(role)
 
-    def share(self, items: list, roles: Sequence[str]) -> dict[str, list]:
-        """Collective. ``items``: this actor rank's records (ignored elsewhere). Returns, for each
-        of ``roles`` held by this rank, its contiguous share of the global batch."""
+    def share(self, items: list, roles: Sequence[str], source: str = "actor") -> dict[str, list]:
+        """Collective. ``items``: this ``source`` rank's records (ignored elsewhere). Returns, for
+        each of ``roles`` held by this rank, its contiguous share of the global batch (the
+        source ranks' records in rank order)."""
         mine = [role for role in roles if self.holds(role)]
         if self.topology.is_colocated:
             return {role: items for role in mine}
-        everyone = self._all_gather(items if self.holds("actor") else None)
-        batch = [x for r in self.topology.ranks("actor") for x in everyone[r]]
+        everyone = self._all_gather(items if self.holds(source) else None)
+        batch = [x for r in self.topology.ranks(source) for x in everyone[r]]
         return {role: self._cut(batch, role) for role in mine}
 
     def collect(self, results: dict[str, list], roles: Sequence[str]) -> dict[str, list]:

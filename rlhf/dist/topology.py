@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 from rlhf.errors import UserError
 
-ROLES = ("actor", "critic", "reward", "reference")
+ROLES = ("actor", "rollout", "critic", "reward", "reference")  # rollout: generation ranks apart from the actor (optional)
 
 
 @dataclass(frozen=True)

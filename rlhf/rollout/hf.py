@@ -10,6 +10,7 @@ Interface shared with other backends: ``generate(prompt_ids, greedy) -> Generati
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 
@@ -24,11 +25,14 @@ class Generations:
     responses: list[list[int]]  # generated ids per prompt, cut after the first EOS (kept)
     finished: list[bool]  # ended with EOS (False: hit --generate_max_len)
     sync_seconds: float = 0.0  # making the actor's current weights available to generation
+    generate_seconds: float = 0.0  # decoding proper
 
 
 class HFGenerator:
-    def __init__(self, actor, tokenizer, cfg: RolloutConfig):
-        self.actor, self.model, self.cfg = actor, actor.module, cfg
+    def __init__(self, model: torch.nn.Module, tokenizer, cfg: RolloutConfig, full_weights=contextlib.nullcontext):
+        """``full_weights()``: a context in which ``model`` has its full weights (the actor's
+        ``TrainEngine.unpartitioned``; nothing to do for a plain model)."""
+        self.model, self.cfg, self.full_weights = model, cfg, full_weights
         self.eos_id, self.pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
 
     @torch.no_grad()
@@ -38,15 +42,16 @@ class HFGenerator:
         responses: list[list[int]] = []
         finished: list[bool] = []
         started = time.perf_counter()
-        with self.actor.unpartitioned():
+        with self.full_weights():
             sync_seconds = time.perf_counter() - started
             step = self.cfg.micro_rollout_batch_size
             for start in range(0, len(prompts), step):
                 r, f = self._generate_chunk(prompts[start : start + step], greedy)
                 responses += r
                 finished += f
+            generate_seconds = time.perf_counter() - started - sync_seconds
         self.model.train(was_training)
-        return Generations(responses, finished, sync_seconds)
+        return Generations(responses, finished, sync_seconds, generate_seconds)
 
     def _generate_chunk(self, prompts: list[list[int]], greedy: bool) -> tuple[list[list[int]], list[bool]]:
         width = max(len(p) for p in prompts)
