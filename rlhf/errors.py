@@ -44,6 +44,7 @@ def exit_on_user_error(main: Callable[..., T]) -> Callable[..., T]:
             print(f"error: {err}", file=sys.stderr, flush=True)
             # os._exit skips atexit hooks of torch.distributed / DeepSpeed that can hang
             # waiting for peers that already died.
+            _run_exit_hooks()
             sys.stdout.flush()
             os._exit(USER_ERROR_EXIT_CODE)
 
@@ -59,6 +60,24 @@ def _close_progress_bars() -> None:
         bar.close()
 
 
+_EXIT_HOOKS: list[Callable[[], None]] = []
+
+
+def at_exit(hook: Callable[[], None]) -> None:
+    """Run ``hook`` when the program ends through ``run_program`` or a UserError (which leave
+    with ``os._exit``, skipping ``atexit``): for resources outside the process, such as shared
+    memory segments."""
+    _EXIT_HOOKS.append(hook)
+
+
+def _run_exit_hooks() -> None:
+    for hook in _EXIT_HOOKS:
+        try:
+            hook()
+        except Exception:  # a failed clean-up must not change how the job ends
+            pass
+
+
 def run_program(main: Callable[[], object]) -> None:
     """Run a trainer as a command: ``main()``, flush, and leave with status 0.
 
@@ -68,6 +87,7 @@ def run_program(main: Callable[[], object]) -> None:
     a ZeRO-3 export). ``main()`` itself returns normally for in-process callers (submitit).
     """
     main()
+    _run_exit_hooks()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)

@@ -49,10 +49,11 @@ from rlhf.engines.train_engine import TrainEngine
 from rlhf.errors import UserError, exit_on_user_error, run_program
 from rlhf.io.checkpoint import export_hf, latest_checkpoint, load_checkpoint, save_checkpoint
 from rlhf.metrics import MetricsLogger, metric_series, plot_metrics, read_metrics
-from rlhf.models.loading import load_causal_lm, load_reward_model, load_tokenizer
+from rlhf.models.loading import load_causal_lm, load_reward_model, load_tokenizer, resolve_model_path
 from rlhf.rewards import RemoteReward, RewardFunction, combine, normalise_score, parse_weights
 from rlhf.rollout.hf import HFGenerator
 from rlhf.rollout.sync import WeightBroadcast
+from rlhf.rollout.vllm_engine import VLLMGenerator
 from rlhf.trainer import all_reduce_sums, all_reduce_tensor, finish
 
 CRITIC_ESTIMATORS = ("gae",)
@@ -88,6 +89,7 @@ class ActorBatch:
     old_logp: torch.Tensor  # [B, T-1]
     ref_logp: torch.Tensor  # [B, T-1]
     advantages: torch.Tensor  # [B, T-1]
+    is_weights: Optional[torch.Tensor] = None  # [B, T-1] truncated importance weights (--vllm_is_truncation)
 
 
 @dataclass
@@ -224,16 +226,21 @@ def scoring_roles(topology: Topology, use_reference_engine: bool) -> list[str]:
 def generate(cfg: PPOConfig, roles: RoleEngines, prompts: list[Prompt], tags: list, greedy: bool, timings: dict) -> list[tuple]:
     """Collective. Sync the actor's weights to the generating ranks if they are apart, generate
     for ``prompts`` (this generating rank's share; ``tags`` ride along), and return this actor
-    rank's share of (prompt, response ids, finished with EOS, tag)."""
+    rank's share of (prompt, response ids, finished with EOS, tag, the engine's log-probs of the
+    response tokens or None)."""
     items: list[tuple] = []
     started = time.perf_counter()
     if roles.weight_sync is not None:
         roles.weight_sync.send(cfg.train.zero_stage == 3) if roles.actor is not None else roles.weight_sync.receive()
+    elif isinstance(roles.generator, VLLMGenerator):
+        roles.generator.refresh(roles.actor)
     sync = time.perf_counter() - started
     if roles.generator is not None:
         gen = roles.generator.generate([p.ids for p in prompts], greedy=greedy)
-        items = list(zip(prompts, gen.responses, gen.finished, tags))
+        items = list(zip(prompts, gen.responses, gen.finished, tags, gen.logprobs or [None] * len(prompts)))
         sync += gen.sync_seconds  # ZeRO-3: gathering the actor's shards for generation
+        if isinstance(roles.generator, VLLMGenerator):
+            roles.generator.sleep()  # --vllm_enable_sleep: give the memory back to training
     if roles.generating_role == "rollout":
         items = roles.router.share(items, ["actor"], source="rollout").get("actor", [])
     timings["sync"], timings["generate"] = sync, time.perf_counter() - started - sync
@@ -250,7 +257,7 @@ def make_experience(cfg: PPOConfig, roles: RoleEngines, scorer: Scorer, prompts:
     expanded = [prompt for prompt, *_ in items]
     responses = [response for _, response, *_ in items]
     samples = [Sample(p.ids + r, [0] * len(p.ids) + [1] * len(r)) for p, r in zip(expanded, responses)]
-    stats: dict[str, float] = dict.fromkeys(["reward", "kl", "response_length", "truncated", "samples", *scorer.source_names], 0.0)
+    stats: dict[str, float] = dict.fromkeys(["reward", "kl", "response_length", "truncated", "samples", "rollout_logp_gap", *scorer.source_names], 0.0)
 
     started = time.perf_counter()
     score_roles = scoring_roles(roles.groups.topology, use_reference_engine=cfg.model.lora_rank == 0)
@@ -269,8 +276,14 @@ def make_experience(cfg: PPOConfig, roles: RoleEngines, scorer: Scorer, prompts:
                 with actor.module.disable_adapter():
                     ref_logp = torch.cat([policy_logp(actor, mb)[0] for _, mb in in_micro_batches(batch, cfg.rollout.micro_rollout_batch_size)])
         values = padded(results["critic"], width) if "critic" in results else None
+        is_weights = None
+        if items and items[0][4] is not None:  # the engine's own log-probs: how far its numerics are from the actor's
+            engine_logp = padded([torch.tensor([0.0] * (len(p.ids) - 1) + lp) for p, _, _, _, lp in items], width)
+            stats["rollout_logp_gap"] = ((old_logp - engine_logp).abs() * action_mask).sum().item()
+            if cfg.rollout.vllm_is_truncation is not None:
+                is_weights = (old_logp - engine_logp).clamp(max=20).exp().clamp(max=cfg.rollout.vllm_is_truncation) * action_mask
         seq_reward, per_source = scorer.rewards(expanded, responses, results.get("reward", [[]] * len(samples)))
-        hit_limit = torch.tensor([not finished for _, _, finished, _ in items])
+        hit_limit = torch.tensor([not finished for _, _, finished, *_ in items])
         seq_reward = ppo_math.overlong_penalty(seq_reward, hit_limit, cfg.algo.overlong_penalty).to(device())
 
         kl = ppo_math.kl_estimate(old_logp, ref_logp, cfg.algo.kl_estimator) * action_mask  # [B, T-1]
@@ -283,7 +296,7 @@ def make_experience(cfg: PPOConfig, roles: RoleEngines, scorer: Scorer, prompts:
                 sum_over_shards=lambda t: all_reduce_tensor(t, roles.group("actor")),
             )
         )
-        actor_batch = ActorBatch(batch, action_mask, old_logp, ref_logp, advantages.detach())
+        actor_batch = ActorBatch(batch, action_mask, old_logp, ref_logp, advantages.detach(), is_weights)
         returns_rows = [returns[i, : len(s) - 1].cpu() for i, s in enumerate(samples)] if values is not None else []
         stats.update(
             reward=seq_reward.sum().item(), kl=kl.sum().item(), response_length=action_mask.sum().item(),
@@ -353,7 +366,10 @@ def train_actor(cfg: PPOConfig, exp: ActorBatch, actor: TrainEngine, group, kl_c
         for j, idx in enumerate(micro_batches):
             mb, mask = {k: v[idx] for k, v in exp.batch.items()}, exp.action_mask[idx]
             logp, logits = policy_logp(actor, mb)
-            loss, clip_frac, approx_kl = ppo_math.policy_loss(logp, exp.old_logp[idx], exp.advantages[idx], mask, lo, hi, cfg.algo.dual_clip, step_tokens)
+            loss, clip_frac, approx_kl = ppo_math.policy_loss(
+                logp, exp.old_logp[idx], exp.advantages[idx], mask, lo, hi, cfg.algo.dual_clip, step_tokens,
+                token_weights=exp.is_weights[idx] if exp.is_weights is not None else None,
+            )
             entropy = ppo_math.masked_sum(ppo_math.entropy_from_logits(logits[:, :-1]), mask) / step_tokens
             if cfg.algo.entropy_coef:
                 loss = loss - cfg.algo.entropy_coef * entropy
@@ -413,7 +429,7 @@ def eval_reward(cfg: PPOConfig, roles: RoleEngines, scorer: Scorer, prompts: lis
     total, n = 0.0, 0.0
     if roles.actor is not None and items:
         reward, _ = scorer.rewards([p for p, *_ in items], [r for _, r, *_ in items], results.get("reward", [[]] * len(samples)))
-        keep = torch.tensor([tag for *_, tag in items])
+        keep = torch.tensor([tag for _, _, _, tag, _ in items])
         total, n = reward[keep].sum().item(), float(keep.sum().item())
     totals = all_reduce_sums({"reward": total, "n": n})
     return totals["reward"] / max(totals["n"], 1)
@@ -453,7 +469,14 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         topology.check_divides(role, samples_per_step, "--rollout_batch_size x --n_samples_per_prompt")
         if role in ("actor", "critic"):
             topology.check_divides(role, cfg.train.train_batch_size, "--train_batch_size")
+    vllm = rollout.rollout_backend == "vllm"
+    tp = rollout.vllm_tensor_parallel_size
+    if vllm and not topology.is_colocated:
+        raise UserError("--rollout_backend vllm runs vLLM inside every rank: use the colocated placement (drop the per-role GPU counts)")
+    if vllm and (launch.world_size % tp or (rollout.vllm_num_engines not in (None, launch.world_size // tp))):
+        raise UserError(f"--vllm_num_engines {rollout.vllm_num_engines} x --vllm_tensor_parallel_size {tp} must equal the {launch.world_size} ranks (one engine per group of {tp} consecutive ranks)")
     groups = topology.build_groups()
+    tp_groups = [dist.new_group(list(range(g, g + tp))) for g in range(0, launch.world_size, tp)] if vllm and tp > 1 else []
     sync_members = [topology.ranks("actor")[0], *topology.ranks("rollout")] if "rollout" in topology.roles else []
     sync_group = dist.new_group(sync_members) if sync_members else None  # collective: every rank builds it
     mine = topology.roles_of(launch.rank)
@@ -497,10 +520,15 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     if "rollout" in mine:  # a plain copy of the policy, refreshed from the actor before each generation
         policy = load_causal_lm(frozen_model_cfg(cfg, cfg.model.pretrain)).to(device()).requires_grad_(False).eval()
         generator = HFGenerator(policy, tokenizer, rollout)
-        weight_sync = WeightBroadcast(sync_group, sync_members, policy, placement.weight_sync_bucket_mb)
+        weight_sync = WeightBroadcast(sync_group, sync_members, policy, rollout.weight_sync_bucket_mb)
+    elif actor is not None and vllm:
+        generator = VLLMGenerator(
+            resolve_model_path(cfg.model.pretrain), tokenizer, rollout, max_model_len=cfg.data.prompt_max_len + rollout.generate_max_len,
+            dtype=torch.bfloat16 if cfg.model.bf16 else torch.float32, seed=cfg.train.seed, tp_group=tp_groups[rank // tp] if tp_groups else None,
+        )
     elif actor is not None:
         generator = HFGenerator(actor.module, tokenizer, rollout, actor.unpartitioned) if "rollout" not in topology.roles else None
-        weight_sync = WeightBroadcast(sync_group, sync_members, actor.module, placement.weight_sync_bucket_mb) if sync_members else None
+        weight_sync = WeightBroadcast(sync_group, sync_members, actor.module, rollout.weight_sync_bucket_mb) if sync_members else None
     roles = RoleEngines(actor, critic, reference, reward_models, SampleRouter(topology, rank), groups, generator, weight_sync)
     scorer = Scorer(cfg, tokenizer, roles, remote, reward_fn, kl_ctl)
     ema = WeightEMA(actor, algo.ema_beta) if algo.enable_ema and actor is not None else None
@@ -564,8 +592,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         if use_critic:
             record["value_loss"] = totals["value_loss"] / max(totals["critic_updates"] / topology.dp_size("critic"), 1.0)
         record.update({f"time_{k}": v for k, v in timings.items()}, kl_coef=kl_ctl.value, lr=actor.lr if actor is not None else 0.0)
-        if weight_sync is not None:
-            record["weight_sync_mb"] = weight_sync.last_bytes / 2**20
+        if weight_sync is not None or vllm:
+            record["weight_sync_mb"] = (weight_sync or generator).last_bytes / 2**20
+        if vllm:
+            record["rollout_logp_gap"] = totals["rollout_logp_gap"] / n_tokens  # mean |log pi_actor - log pi_vllm| per token
         kl_ctl.update(record["kl"], samples_per_step)
 
         done = step + 1

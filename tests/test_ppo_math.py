@@ -579,3 +579,17 @@ def test_whitening_over_shards_equals_whole_batch(name, no_std_norm):
     assert_close(torch.cat(out), whole, **TOL)
     alone = torch.cat([estimator(inputs(s))[0] for s in shards])
     assert (alone - whole).abs().max() > 1e-3  # local statistics differ: the test can fail
+
+
+def test_policy_loss_token_weights():
+    """Importance weights scale each token's term: ones change nothing, a 2 on one row doubles
+    that row's contribution, and they carry no gradient of their own."""
+    x = rollout(4, 5, seed=84)
+    n = x["mask"].sum().item()
+    args = (x["old_logp"], x["advantages"], x["mask"], 0.2, 0.2, None, n)
+    plain = policy_loss(x["logp"], *args)[0]
+    assert_close(policy_loss(x["logp"], *args, token_weights=torch.ones(4, 5))[0], plain, **TOL)
+    w = torch.ones(4, 5)
+    w[1] = 2.0
+    row1 = policy_loss(x["logp"][1:2], x["old_logp"][1:2], x["advantages"][1:2], x["mask"][1:2], 0.2, 0.2, None, n)[0]
+    assert_close(policy_loss(x["logp"], *args, token_weights=w)[0], plain + row1, **TOL)

@@ -384,6 +384,7 @@ def policy_loss(
     eps_clip_high: float,
     dual_clip: float | None,
     normaliser: float,
+    token_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Clipped PPO surrogate (Schulman et al. 2017, arXiv 1707.06347 eq. 7), token-level.
 
@@ -397,6 +398,9 @@ def policy_loss(
     clip_fraction = (tokens where the clipped term is the smaller one) / normaliser;
     approx_kl = sum((old_logp - logp) * mask) / normaliser, a k1 estimate of KL(pi_old || pi),
     detached. Both are shard-additive like the loss (OpenRLHF's clip_ratio and ppo_kl).
+    token_weights [B, T] (no gradient), if given, multiply each token's L: truncated importance
+    sampling min(pi_old / pi_rollout, C) when a different engine (vLLM) generated the tokens
+    than the one that scored old_logp.
     """
     _check_normaliser(normaliser)
     if dual_clip is not None and not dual_clip > 1.0:
@@ -410,7 +414,8 @@ def policy_loss(
     objective = torch.min(surr1, surr2)  # [B, T]
     if dual_clip is not None:
         objective = torch.where(adv < 0, torch.max(objective, dual_clip * adv), objective)
-    loss = -(objective * m).sum() / normaliser
+    weighted = objective if token_weights is None else objective * _fp32(token_weights).detach()
+    loss = -(weighted * m).sum() / normaliser
     clip_fraction = ((surr2 < surr1).to(m.dtype) * m).sum().detach() / normaliser
     approx_kl = (-log_ratio.detach() * m).sum() / normaliser
     return loss, clip_fraction, approx_kl

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import time
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -26,6 +27,7 @@ class Generations:
     finished: list[bool]  # ended with EOS (False: hit --generate_max_len)
     sync_seconds: float = 0.0  # making the actor's current weights available to generation
     generate_seconds: float = 0.0  # decoding proper
+    logprobs: Optional[list[list[float]]] = None  # per response token, from the generating engine (vLLM)
 
 
 class HFGenerator:
