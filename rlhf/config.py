@@ -416,7 +416,7 @@ class RolloutConfig:
     generate_max_len: int = 1024
     """Maximum new tokens per response."""
     temperature: float = 1.0
-    """Sampling temperature."""
+    """Sampling temperature (0: greedy decoding, batch inference only)."""
     top_p: float = 1.0
     """Nucleus sampling."""
     rollout_backend: Literal["hf", "vllm"] = "hf"
@@ -440,8 +440,8 @@ class RolloutConfig:
         for flag, value in (("--rollout_batch_size", self.rollout_batch_size), ("--n_samples_per_prompt", self.n_samples_per_prompt), ("--micro_rollout_batch_size", self.micro_rollout_batch_size), ("--generate_max_len", self.generate_max_len)):
             if value < 1:
                 raise UserError(f"{flag} must be >= 1, got {value}")
-        if self.temperature <= 0:
-            raise UserError(f"--temperature must be > 0, got {self.temperature}")
+        if self.temperature < 0:
+            raise UserError(f"--temperature must be >= 0 (0 = greedy), got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise UserError(f"--top_p must be in (0, 1], got {self.top_p}")
         if self.weight_sync_bucket_mb <= 0:
@@ -629,6 +629,8 @@ class PPOConfig:
     def validate(self) -> None:
         validate_sections(self)
         algo = self.algo
+        if self.rollout.temperature <= 0:
+            raise UserError(f"--temperature must be > 0 for RL rollouts, got {self.rollout.temperature}")
         if not (algo.reward_func or algo.reward_pretrain or algo.remote_rm_url):
             raise UserError("PPO needs a reward: give --reward_func module:function, --reward_pretrain MODEL and/or --remote_rm_url URL")
         if algo.advantage_estimator in ("rloo", "group_norm", "dr_grpo", "reinforce_baseline") and self.rollout.n_samples_per_prompt < 2:
@@ -638,6 +640,75 @@ class PPOConfig:
             raise UserError(f"--rollout_batch_size x --n_samples_per_prompt = {per_step} must be a multiple of --train_batch_size {self.train.train_batch_size}")
         if self.placement.separate_rollout and self.model.lora_rank > 0:
             raise UserError("--rollout_num_gpus_per_node with --lora_rank: rollout ranks of their own need full weights; generate on the actor's ranks (drop --rollout_num_gpus_per_node)")
+
+
+@dataclass
+class InferenceConfig:
+    """What batch inference reads, does and writes."""
+
+    eval_task: Literal["generate", "generate_vllm", "rm"] = "generate"
+    """generate (transformers), generate_vllm (vLLM), or rm (score --input_key + --output_key pairs with reward models / a reward function)."""
+    dataset: str = "embedded:arith/prompts_eval.jsonl"
+    """Comma-separated sources (local files or folders, s3://, hub names)."""
+    dataset_probs: Optional[str] = None
+    """Mixing weights for the --dataset sources."""
+    input_key: str = "input"
+    """Row field with the prompt text (or a messages list with --apply_chat_template)."""
+    output_key: Optional[str] = None
+    """--eval_task rm: row field with the response to score."""
+    label_key: Optional[str] = None
+    """Row field passed to --reward_func as the label."""
+    input_template: Optional[str] = None
+    """Python format string applied to the prompt text."""
+    apply_chat_template: bool = False
+    """Render prompts with the tokenizer's chat template (with the generation prompt)."""
+    prompt_max_len: int = 1024
+    """Prompts longer than this many tokens are left-truncated."""
+    max_samples: int = 100_000_000
+    """Use at most this many rows."""
+    best_of_n: int = 1
+    """Responses generated per prompt (all are written; with a reward the best is marked)."""
+    micro_batch_size: int = 16
+    """Sequences per forward when scoring."""
+    reward_pretrain: Optional[str] = None
+    """Comma-separated reward models that score every response."""
+    reward_func: Optional[str] = None
+    """'module:function' scoring (prompts, responses, labels) -> list of floats."""
+    reward_weights: Optional[str] = None
+    """Weights of the reward sources (reward models, then --reward_func); the reward is their weighted sum."""
+    normalize_reward: bool = False
+    """Normalise reward-model scores with the mean/std stored by rlhf.rm."""
+    output_path: str = "./outputs/generate.jsonl"
+    """JSON-lines file written in input order: inputs, outputs and scores."""
+    seed: int = 42
+    """Sampling seed."""
+
+    def validate(self) -> None:
+        if self.best_of_n < 1 or self.micro_batch_size < 1 or self.prompt_max_len < 1:
+            raise UserError("--best_of_n, --micro_batch_size and --prompt_max_len must be >= 1")
+        if self.eval_task == "rm":
+            if not self.output_key:
+                raise UserError("--eval_task rm scores responses: give --output_key (the row field holding them)")
+            if not (self.reward_pretrain or self.reward_func):
+                raise UserError("--eval_task rm needs --reward_pretrain MODEL[,MODEL...] and/or --reward_func module:function")
+
+    def prompt_data(self) -> "PromptDataConfig":
+        return PromptDataConfig(
+            prompt_data=self.dataset, prompt_data_probs=self.dataset_probs, input_key=self.input_key, label_key=self.label_key,
+            input_template=self.input_template, apply_chat_template=self.apply_chat_template, prompt_max_len=self.prompt_max_len, max_samples=self.max_samples,
+        )
+
+
+@dataclass
+class GenerateConfig:
+    """Batch inference: generate with transformers or vLLM, or score with reward models, over a dataset."""
+
+    model: Annotated[ModelConfig, Flat] = field(default_factory=ModelConfig)
+    task: Annotated[InferenceConfig, Flat] = field(default_factory=InferenceConfig)
+    rollout: Annotated[RolloutConfig, Flat] = field(default_factory=RolloutConfig)
+
+    def validate(self) -> None:
+        validate_sections(self)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -16,6 +16,8 @@ class Prompt:
     ids: list[int]  # what the policy continues (chat-rendered with the generation prompt if asked)
     text: str  # the rendered prompt text, as reward functions receive it
     label: Any  # the row's --label_key value (reference answer), None without one
+    input: Any = None  # the row's --input_key value as given (text or messages)
+    row: Any = None  # the whole row (batch inference copies it to its output)
 
 
 def tokenize_prompts(rows: list[dict], tokenizer, cfg: PromptDataConfig) -> list[Prompt]:
@@ -35,7 +37,7 @@ def tokenize_prompts(rows: list[dict], tokenizer, cfg: PromptDataConfig) -> list
                 text = _fill_input_template(cfg.input_template, text)
         ids = encode_rendered(tokenizer, text)[-cfg.prompt_max_len :]  # keep the end: it holds the question
         label = _field(row, cfg.label_key, where, "--label_key") if cfg.label_key else None
-        prompts.append(Prompt(ids=ids, text=text, label=label))
+        prompts.append(Prompt(ids=ids, text=text, label=label, input=value, row={k: v for k, v in row.items() if k != WHERE_KEY}))
     if not prompts:
         raise UserError(f"--prompt_data {cfg.prompt_data}: no prompts")
     return prompts

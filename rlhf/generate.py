@@ -1,0 +1,170 @@
+"""Batch inference over a dataset (OpenRLHF's batch_inference): generate, or score with reward models.
+
+    torchrun --nproc_per_node 2 -m rlhf.generate --pretrain ./outputs/sft_tiny/model \\
+        --dataset embedded:arith/prompts_eval.jsonl --input_key input --best_of_n 4 \\
+        --generate_max_len 8 --output_path ./outputs/generations.jsonl
+    ... --eval_task generate_vllm                     (the same with vLLM engines)
+    ... --eval_task rm --reward_pretrain ./outputs/rm_tiny/model --dataset generations.jsonl \\
+        --input_key input --output_key output         (score existing responses)
+
+Rows are dealt to ranks round-robin, processed there, and gathered back on rank 0, which writes
+one JSON line per (row, sample) in input order: the row's fields, ``prompt`` (as the model saw
+it), ``output``, ``finished`` (ended with EOS), and with rewards ``reward`` (the combined score),
+``rewards`` (per source) and ``best`` (the best-scored sample of its row). The file is written
+atomically. Generating with reward models or a reward function given scores as it goes.
+
+Steps: 1 launch, 2 data, 3 generate or read responses, 4 score, 5 gather and write.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+from rlhf.config import GenerateConfig, parse_config
+from rlhf.data.prompts import Prompt, load_prompts
+from rlhf.data.sft import Sample, collate_padded, encode_rendered
+from rlhf.dist.env import device, init_distributed
+from rlhf.errors import UserError, exit_on_user_error, run_program
+from rlhf.models.loading import load_causal_lm, load_reward_model, load_tokenizer, resolve_model_path
+from rlhf.rewards import RewardFunction, combine, normalise_score, parse_weights
+from rlhf.rollout.hf import HFGenerator
+from rlhf.rollout.vllm_engine import VLLMGenerator
+
+
+class ResponseScorer:
+    """Reward models (plain transformers, frozen) and/or a reward function; the weighted sum."""
+
+    def __init__(self, cfg: GenerateConfig, tokenizer):
+        task = cfg.task
+        self.tokenizer, self.micro, self.normalize = tokenizer, task.micro_batch_size, task.normalize_reward
+        paths = task.reward_pretrain.split(",") if task.reward_pretrain else []
+        frozen = dataclasses.replace(cfg.model, lora_rank=0, load_in_4bit=False, gradient_checkpointing=False)
+        self.models = [load_reward_model(dataclasses.replace(frozen, pretrain=p), pad_token_id=tokenizer.pad_token_id).to(device()).eval() for p in paths]
+        self.fn = RewardFunction(task.reward_func) if task.reward_func else None
+        self.weights = parse_weights(task.reward_weights, len(self.models) + (self.fn is not None))
+
+    @property
+    def active(self) -> bool:
+        return bool(self.models) or self.fn is not None
+
+    @torch.no_grad()
+    def __call__(self, prompts: list[Prompt], responses: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(combined reward [B], per-source rewards [B, sources])."""
+        per_source = []
+        samples = [Sample(p.ids + r, [0] * len(p.ids) + [1] * len(r)) for p, r in zip(prompts, responses)]
+        for model in self.models:
+            scores = []
+            for start in range(0, len(samples), self.micro):
+                batch = {k: v.to(device()) for k, v in collate_padded(samples[start : start + self.micro], self.tokenizer.pad_token_id).items()}
+                scores.append(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.squeeze(-1).float().cpu())
+            score = torch.cat(scores)
+            per_source.append(normalise_score(score, model.config) if self.normalize else score)
+        if self.fn is not None:
+            texts = [self.tokenizer.decode(r, skip_special_tokens=True) for r in responses]
+            per_source.append(self.fn([p.text for p in prompts], texts, [p.label for p in prompts]))
+        return combine(per_source, self.weights, (-float("inf"), float("inf"))), torch.stack(per_source, dim=1)
+
+
+def make_generator(cfg: GenerateConfig, tokenizer, world_size: int, rank: int):
+    """transformers or vLLM, on this rank (vLLM: one engine per --vllm_tensor_parallel_size ranks)."""
+    if cfg.task.eval_task == "generate_vllm":
+        tp = cfg.rollout.vllm_tensor_parallel_size
+        if world_size % tp:
+            raise UserError(f"--vllm_tensor_parallel_size {tp} must divide the {world_size} ranks")
+        groups = [dist.new_group(list(range(g, g + tp))) for g in range(0, world_size, tp)] if tp > 1 else []
+        dtype = torch.bfloat16 if cfg.model.bf16 else torch.float32
+        return VLLMGenerator(resolve_model_path(cfg.model.pretrain), tokenizer, cfg.rollout, max_model_len=cfg.task.prompt_max_len + cfg.rollout.generate_max_len, dtype=dtype, seed=cfg.task.seed, tp_group=groups[rank // tp] if groups else None)
+    model = load_causal_lm(dataclasses.replace(cfg.model, gradient_checkpointing=False)).to(device()).eval()
+    return HFGenerator(model, tokenizer, cfg.rollout)
+
+
+def write_jsonl_atomic(path: str, records: Sequence[dict]) -> None:
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        for record in records:
+            f.write(json.dumps(record, ensure_ascii=False, default=str) + "\n")
+    os.replace(tmp, out)
+
+
+def gather_in_order(records: list[dict], world_size: int) -> list[dict]:
+    """Every rank's records on every rank, sorted back into input order (row, then sample)."""
+    everyone: list = [None] * world_size
+    dist.all_gather_object(everyone, records)
+    return sorted((r for part in everyone for r in part), key=lambda r: (r["_row"], r["_sample"]))
+
+
+@exit_on_user_error
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    cfg = parse_config(GenerateConfig, argv, prog="python -m rlhf.generate")
+    task = cfg.task
+
+    # 1. Launch.
+    launch = init_distributed()
+    rank, world = launch.rank, launch.world_size
+    torch.manual_seed(task.seed + rank)
+
+    # 2. Data: every rank reads the rows, takes every world-th one.
+    tokenizer = load_tokenizer(cfg.model)
+    prompts = load_prompts(task.dataset, task.dataset_probs, tokenizer, task.prompt_data(), task.seed)
+    mine = list(range(rank, len(prompts), world))
+
+    # 3. Responses: generated (best_of_n per row), or read from --output_key.
+    if task.eval_task == "rm":
+        jobs = [(i, 0) for i in mine]
+        responses = [responses_from_row(prompts[i], task.output_key, tokenizer) for i in mine]
+        finished = [True] * len(jobs)
+    else:
+        generator = make_generator(cfg, tokenizer, world, rank)
+        jobs = [(i, k) for i in mine for k in range(task.best_of_n)]
+        gen = generator.generate([prompts[i].ids for i, _ in jobs], greedy=cfg.rollout.temperature == 0)
+        responses, finished = gen.responses, gen.finished
+
+    # 4. Scores.
+    scorer = ResponseScorer(cfg, tokenizer)
+    records = []
+    for (i, k), response, done in zip(jobs, responses, finished):
+        records.append({**prompts[i].row, "prompt": prompts[i].text, "output": tokenizer.decode(response, skip_special_tokens=True), "finished": done, "_row": i, "_sample": k})
+    if scorer.active and jobs:
+        reward, per_source = scorer([prompts[i] for i, _ in jobs], responses)
+        for record, r, sources in zip(records, reward.tolist(), per_source.tolist()):
+            record.update(reward=r, rewards=sources)
+
+    # 5. Gather in input order; rank 0 writes.
+    everything = gather_in_order(records, world)
+    if scorer.active and task.best_of_n > 1:
+        mark_best(everything)
+    if launch.is_rank0:
+        write_jsonl_atomic(task.output_path, [{k: v for k, v in r.items() if not k.startswith("_")} for r in everything])
+        print(f"wrote {len(everything)} records to {task.output_path}", flush=True)
+    dist.barrier()
+
+
+def responses_from_row(prompt: Prompt, key: str, tokenizer) -> list[int]:
+    """The row's response text as token ids, ending with EOS as a generated one would."""
+    text = prompt.row.get(key)
+    if not isinstance(text, str):
+        raise UserError(f"--output_key {key!r}: row has no text field of that name (fields: {', '.join(sorted(prompt.row))})")
+    return encode_rendered(tokenizer, text) + [tokenizer.eos_token_id]
+
+
+def mark_best(records: list[dict]) -> None:
+    """``best`` = True on the highest-reward sample of each row."""
+    best: dict[Any, dict] = {}
+    for r in records:
+        if r["_row"] not in best or r["reward"] > best[r["_row"]]["reward"]:
+            best[r["_row"]] = r
+    for r in records:
+        r["best"] = best[r["_row"]] is r
+
+
+if __name__ == "__main__":
+    run_program(main)
