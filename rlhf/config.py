@@ -680,8 +680,6 @@ class InferenceConfig:
     """Normalise reward-model scores with the mean/std stored by rlhf.rm."""
     output_path: str = "./outputs/generate.jsonl"
     """JSON-lines file written in input order: inputs, outputs and scores."""
-    seed: int = 42
-    """Sampling seed."""
 
     def validate(self) -> None:
         if self.best_of_n < 1 or self.micro_batch_size < 1 or self.prompt_max_len < 1:
@@ -706,9 +704,50 @@ class GenerateConfig:
     model: Annotated[ModelConfig, Flat] = field(default_factory=ModelConfig)
     task: Annotated[InferenceConfig, Flat] = field(default_factory=InferenceConfig)
     rollout: Annotated[RolloutConfig, Flat] = field(default_factory=RolloutConfig)
+    seed: int = 42
+    """Sampling seed."""
 
     def validate(self) -> None:
         validate_sections(self)
+
+
+@dataclass
+class SelectionConfig:
+    """Which samples rejection sampling keeps, and how many rounds it runs."""
+
+    iterations: int = 1
+    """Rounds of generate -> score -> keep -> SFT (0: generate, score and write the dataset only)."""
+    keep: Literal["best", "threshold"] = "best"
+    """best: the highest-reward response of each prompt; threshold: every response with reward >= --reward_threshold."""
+    reward_threshold: float = 0.0
+    """With --keep threshold: the minimum reward kept."""
+    eval_dataset: Optional[str] = None
+    """Held-out prompts: mean reward of greedy responses before and after each round."""
+    output_dir: str = "./outputs/rejection_sampling"
+    """Kept samples per round (round_K.jsonl), metrics, and the trained model in model/."""
+
+    def validate(self) -> None:
+        if self.iterations < 0:
+            raise UserError(f"--iterations must be >= 0, got {self.iterations}")
+
+
+@dataclass
+class RejectionSamplingConfig:
+    """Rejection sampling (best-of-n fine-tuning): generate n responses per prompt, score them, keep the best, SFT on them."""
+
+    model: Annotated[ModelConfig, Flat] = field(default_factory=ModelConfig)
+    task: Annotated[InferenceConfig, Flat] = field(default_factory=InferenceConfig)
+    select: Annotated[SelectionConfig, Flat] = field(default_factory=SelectionConfig)
+    rollout: Annotated[RolloutConfig, Flat] = field(default_factory=RolloutConfig)
+    train: Annotated[TrainConfig, Flat] = field(default_factory=TrainConfig)
+    log: Annotated[LoggingConfig, Flat] = field(default_factory=LoggingConfig)
+
+    def validate(self) -> None:
+        validate_sections(self)
+        if self.task.eval_task == "rm":
+            raise UserError("--eval_task rm: rejection sampling generates; use generate or generate_vllm")
+        if not (self.task.reward_pretrain or self.task.reward_func):
+            raise UserError("rejection sampling needs a reward: --reward_pretrain MODEL and/or --reward_func module:function")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -80,7 +80,7 @@ def make_generator(cfg: GenerateConfig, tokenizer, world_size: int, rank: int):
             raise UserError(f"--vllm_tensor_parallel_size {tp} must divide the {world_size} ranks")
         groups = [dist.new_group(list(range(g, g + tp))) for g in range(0, world_size, tp)] if tp > 1 else []
         dtype = torch.bfloat16 if cfg.model.bf16 else torch.float32
-        return VLLMGenerator(resolve_model_path(cfg.model.pretrain), tokenizer, cfg.rollout, max_model_len=cfg.task.prompt_max_len + cfg.rollout.generate_max_len, dtype=dtype, seed=cfg.task.seed, tp_group=groups[rank // tp] if groups else None)
+        return VLLMGenerator(resolve_model_path(cfg.model.pretrain), tokenizer, cfg.rollout, max_model_len=cfg.task.prompt_max_len + cfg.rollout.generate_max_len, dtype=dtype, seed=cfg.seed, tp_group=groups[rank // tp] if groups else None)
     model = load_causal_lm(dataclasses.replace(cfg.model, gradient_checkpointing=False)).to(device()).eval()
     return HFGenerator(model, tokenizer, cfg.rollout)
 
@@ -110,11 +110,11 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     # 1. Launch.
     launch = init_distributed()
     rank, world = launch.rank, launch.world_size
-    torch.manual_seed(task.seed + rank)
+    torch.manual_seed(cfg.seed + rank)
 
     # 2. Data: every rank reads the rows, takes every world-th one.
     tokenizer = load_tokenizer(cfg.model)
-    prompts = load_prompts(task.dataset, task.dataset_probs, tokenizer, task.prompt_data(), task.seed)
+    prompts = load_prompts(task.dataset, task.dataset_probs, tokenizer, task.prompt_data(), cfg.seed)
     mine = list(range(rank, len(prompts), world))
 
     # 3. Responses: generated (best_of_n per row), or read from --output_key.
