@@ -797,8 +797,11 @@ def load_preset(cls: type[C], path: str) -> C:
 def parse_config(cls: type[C], argv: Optional[Sequence[str]] = None, *, prog: Optional[str] = None) -> C:
     """Parse ``[--config FILE] [flags...]`` into a validated ``cls`` instance."""
     args = list(sys.argv[1:] if argv is None else argv)
-    default = cls()
+    required = [f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    default = None if required else cls()  # a config with required fields (a positional MODEL) has no preset base
     if "--config" in args:
+        if required:
+            raise UserError(f"--config: not available for this command (it takes {', '.join(required)} on the command line)")
         i = args.index("--config")
         if i + 1 >= len(args):
             raise UserError("--config needs a YAML file path")

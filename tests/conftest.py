@@ -176,3 +176,18 @@ def sft_weak_model(tmp_path_factory):
     out = tmp_path_factory.mktemp("sft-weak")
     run_trainer("rlhf.sft", ["--config", "configs/sft_tiny.yaml", "--max_epochs", "9", "--save_path", str(out / "model"), "--ckpt_path", str(out / "ckpt")], timeout=1200)
     return out / "model"
+
+
+@pytest.fixture(scope="session")
+def chat_tiny_model(tmp_path_factory):
+    """The embedded tiny model after 4 epochs of chat SFT on the embedded chat data (ChatML
+    turns): it answers in the chat format, context-dependent though often wrong."""
+    from helpers import run_trainer
+
+    out = tmp_path_factory.mktemp("chat-tiny")
+    run_trainer("rlhf.sft", [
+        "--config", "configs/sft_tiny.yaml", "--dataset", "embedded:arith/chat_train.jsonl", "--eval_dataset", "None",
+        "--input_key", "messages", "--output_key", "None", "--apply_chat_template", "--max_len", "64", "--max_epochs", "4",
+        "--save_path", str(out / "model"), "--ckpt_path", str(out / "ckpt"),
+    ], timeout=1200)
+    return out / "model"
