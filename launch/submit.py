@@ -11,10 +11,10 @@ submitit's JobEnvironment and runs the trainer in-process: the module's ``main(a
 module itself through ``runpy`` when it has none), as ``python -m`` would.
 
 Preemption and time limits: SLURM sends SIGUSR2 ``--signal_delay_s`` seconds before it kills the
-job; submitit then calls :meth:`TrainerTask.checkpoint`, which resubmits the same trainer with
-``--load_checkpoint`` added, and requeues the job. The requeued job resumes from the newest
-checkpoint the trainer wrote under ``--ckpt_path`` (written every ``--save_steps`` steps), so give
-the trainer both. A job requeued by SLURM itself (``scontrol requeue``, node failure) resumes the
+job. The trainer (``rlhf.io.preemption``) finishes its step, saves a checkpoint under
+``--ckpt_path`` on all ranks, then hands the signal to submitit, which calls
+:meth:`TrainerTask.checkpoint` (resubmit the same trainer with ``--load_checkpoint`` added) and
+requeues the job; the requeued job continues from that step. A job requeued by SLURM itself (``scontrol requeue``, node failure) resumes the
 same way: a task that sees ``SLURM_RESTART_COUNT > 0`` adds ``--load_checkpoint`` too.
 """
 
@@ -249,7 +249,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if opts.nodes < 1:
         parser.error("--nodes must be >= 1")
     if "--save_steps" not in args and "--config" not in args:
-        print("launch.submit: warning: without --save_steps (and --ckpt_path) the trainer writes no checkpoints, so a preempted job restarts from step 0", file=sys.stderr)
+        print("launch.submit: warning: without --save_steps the trainer checkpoints only when warned of a preemption; a job killed without warning (node failure) restarts from step 0", file=sys.stderr)
     executor = make_executor(opts, module)
     job = executor.submit(TrainerTask(module, args))
     print(f"launch.submit: submitted job {job.job_id} ({module}); logs in {Path(str(opts.folder).replace('%j', str(job.job_id))).resolve()}", flush=True)

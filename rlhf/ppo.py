@@ -48,6 +48,7 @@ from rlhf.engines.subgroups import SlotParallel, confine_deepspeed_to
 from rlhf.engines.train_engine import TrainEngine
 from rlhf.errors import UserError, exit_on_user_error, run_program
 from rlhf.io.checkpoint import export_hf, latest_checkpoint, load_checkpoint, save_checkpoint
+from rlhf.io.preemption import PreemptionWatch
 from rlhf.metrics import MetricsLogger, metric_series, plot_metrics, read_metrics
 from rlhf.models.loading import load_causal_lm, load_reward_model, load_tokenizer, resolve_model_path
 from rlhf.rewards import RemoteReward, RewardFunction, combine, normalise_score, parse_weights
@@ -560,6 +561,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         logger.log(start_step, {"resumed_from_step": start_step})
     elif eval_prompts:
         logger.log(0, {"eval_reward": eval_reward(cfg, roles, scorer, eval_prompts, rank)})
+    preemption = PreemptionWatch()
     for step in range(start_step, total_steps):
         episode, step_in_episode = divmod(step, per_episode)
         order = list(range(len(prompts)))
@@ -602,8 +604,14 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         if eval_prompts and (done % algo.eval_every == 0 or done == total_steps):
             record["eval_reward"] = eval_reward(cfg, roles, scorer, eval_prompts, rank)
         logger.log(done, record)
-        if cfg.ckpt.save_steps > 0 and done % cfg.ckpt.save_steps == 0 and done < total_steps:
+        saved = cfg.ckpt.save_steps > 0 and done % cfg.ckpt.save_steps == 0
+        if saved and done < total_steps:
             save_checkpoint(cfg.ckpt.ckpt_path, done, engines, {"episode": episode, "kl_ctl": kl_ctl.state_dict()}, cfg.ckpt.max_ckpt_num)
+        if done < total_steps and preemption.stop_requested():  # SLURM's warning: save now, requeue
+            if not saved:
+                save_checkpoint(cfg.ckpt.ckpt_path, done, engines, {"episode": episode, "kl_ctl": kl_ctl.state_dict()}, cfg.ckpt.max_ckpt_num)
+            logger.close()
+            preemption.hand_over()
     logger.close()
 
     # 6. Export: the critic and the reward curve beside the actor, then the actor (and upload).

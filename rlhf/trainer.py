@@ -28,6 +28,7 @@ from rlhf.dist.env import LaunchEnv, device
 from rlhf.engines.train_engine import TrainEngine
 from rlhf.errors import UserError
 from rlhf.io.checkpoint import export_hf, latest_checkpoint, load_checkpoint, save_checkpoint
+from rlhf.io.preemption import PreemptionWatch
 from rlhf.metrics import MetricsLogger
 
 MICRO_MEANS = ("aux_loss",)
@@ -85,6 +86,7 @@ def run(loop: Loop, engine: TrainEngine, total_steps: int, per_epoch: int, check
     if start_step:
         logger.log(start_step, {"resumed_from_step": start_step})
     plan, plan_of_epoch = None, -1
+    preemption = PreemptionWatch()
     engine.train()
     for step in range(start_step, total_steps):
         epoch, step_in_epoch = divmod(step, per_epoch)
@@ -110,8 +112,14 @@ def run(loop: Loop, engine: TrainEngine, total_steps: int, per_epoch: int, check
             engine.train()
         if done % cfg.log.logging_steps == 0 or any(k.startswith("eval_") for k in record) or done == total_steps:
             logger.log(done, record)
-        if cfg.ckpt.save_steps > 0 and done % cfg.ckpt.save_steps == 0 and done < total_steps:
+        saved = cfg.ckpt.save_steps > 0 and done % cfg.ckpt.save_steps == 0
+        if saved and done < total_steps:
             save_checkpoint(cfg.ckpt.ckpt_path, done, engines, {"epoch": epoch}, cfg.ckpt.max_ckpt_num)
+        if done < total_steps and preemption.stop_requested():
+            if not saved:
+                save_checkpoint(cfg.ckpt.ckpt_path, done, engines, {"epoch": epoch}, cfg.ckpt.max_ckpt_num)
+            logger.close()
+            preemption.hand_over()
     logger.close()
 
 

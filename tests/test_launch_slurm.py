@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import REPO, run_trainer, trainer_env
+from helpers import REPO, read_jsonl, run_trainer, trainer_env
 
 CLUSTER_SH = REPO / "slurm" / "cluster.sh"
 SFT_TINY = ["--config", "configs/sft_tiny.yaml", "--eval_steps", "-1"]
@@ -185,7 +185,8 @@ def test_submit_ppo_on_slurm(slurm_cluster, sft_tiny_model, tmp_path):
 @pytest.mark.parametrize("interrupt", ["signal", "requeue"])
 def test_submit_preempted_job_requeues_and_resumes_exactly(slurm_cluster, tmp_path, interrupt):
     """Preemption mid-training, two ways. "signal": SIGUSR2 (what SLURM sends before a time limit or
-    a preemption) reaches the submitit tasks; rank 0 requeues the job with --load_checkpoint.
+    a preemption) reaches the submitit tasks; the trainer finishes its step, saves a checkpoint
+    there, and hands over to submitit, whose rank 0 requeues the job with --load_checkpoint.
     "requeue": `scontrol requeue` (an operator, a node failure) kills and requeues the job; the
     tasks see SLURM_RESTART_COUNT. Either way the requeued job resumes from the newest checkpoint
     and the final weights equal an uninterrupted run's."""
@@ -225,9 +226,15 @@ def test_submit_preempted_job_requeues_and_resumes_exactly(slurm_cluster, tmp_pa
         time.sleep(0.5)
     assert _job_state(slurm_cluster, job).startswith("COMPLETED"), _job_state(slurm_cluster, job)
     logs = "".join(p.read_text(errors="replace") for p in sorted((folder / job).glob(f"{job}_0_log.*")))
-    if interrupt == "signal":
-        assert "Caught signal SIGUSR2" in logs
     assert "--load_checkpoint" in logs  # the requeued run resumed
+    resumed = [r["resumed_from_step"] for r in read_jsonl(tmp_path / "preempted" / "metrics.jsonl") if "resumed_from_step" in r]
+    if interrupt == "signal":
+        # The trainer saved at the first step boundary after the warning (past the periodic
+        # checkpoint at step 40), then handed the signal to submitit, which requeued.
+        assert "Caught signal SIGUSR2" in logs and "checkpoint saved after SIGUSR2" in logs
+        assert len(resumed) == 1 and resumed[0] > int(save_every) and resumed[0] % int(save_every) != 0, resumed
+    else:  # killed without warning: back to the newest periodic checkpoint
+        assert resumed and resumed[-1] % int(save_every) == 0, resumed
     # The uninterrupted run of the same configuration.
     run_trainer("rlhf.sft", [*args, "--save_path", str(tmp_path / "straight"), "--ckpt_path", str(tmp_path / "ckpt2")])
     _assert_same_weights(tmp_path / "preempted", tmp_path / "straight")

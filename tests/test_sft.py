@@ -139,3 +139,41 @@ def test_kill_during_saves_leaves_a_loadable_checkpoint(tmp_path):
     resumed = read_jsonl(out / "metrics.jsonl")
     assert resumed[0]["resumed_from_step"] == step
     assert [r["step"] for r in resumed if "loss" in r] == [step + 1, step + 2]
+
+
+def test_preemption_warning_saves_at_the_next_step_and_exits_for_a_retry(tmp_path):
+    """SIGUSR2 (SLURM's warning before preemption or the time limit) to the ranks of a plain
+    torchrun job that writes no periodic checkpoints: the ranks finish the step, save there, and
+    exit with 75 (EX_TEMPFAIL); resuming finishes with the uninterrupted run's weights."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    from helpers import REPO, trainer_env
+
+    def job(save_path, ckpt, max_steps=300) -> list[str]:  # constant LR: the schedule does not depend on max_steps
+        return [*SHORT, "--zero_stage", "2", "--max_epochs", "100", "--max_steps", str(max_steps), "--lr_scheduler", "constant_with_warmup", "--lr_warmup_ratio", "0",
+                "--save_steps", "0", "--eval_steps", "1000", "--logging_steps", "1", "--save_path", str(save_path), "--ckpt_path", str(ckpt)]
+
+    ckpt = tmp_path / "ckpt"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "rlhf.sft", *job(tmp_path / "warned", ckpt)]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=trainer_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    metrics = tmp_path / "warned" / "metrics.jsonl"
+    deadline = time.time() + 240
+    while not (metrics.exists() and len(read_jsonl(metrics)) >= 3) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.1)
+    for worker in psutil.Process(proc.pid).children(recursive=True):  # the ranks, not the torchrun agent
+        if "rlhf.sft" in " ".join(worker.cmdline()) and worker.pid != proc.pid:
+            os.kill(worker.pid, signal.SIGUSR2)
+    output, _ = proc.communicate(timeout=240)
+    assert proc.returncode != 0 and "exitcode  : 75" in output, output[-3000:]
+    step = json.loads((ckpt / (ckpt / "latest").read_text() / "trainer_state.json").read_text())["step"]
+    assert 3 <= step < 300
+    run_trainer("rlhf.sft", [*job(tmp_path / "warned", ckpt, step + 3), "--load_checkpoint"])
+    run_trainer("rlhf.sft", job(tmp_path / "straight", tmp_path / "ckpt2", step + 3))
+    a, b = load_file(tmp_path / "warned" / "model.safetensors"), load_file(tmp_path / "straight" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
