@@ -74,7 +74,9 @@ def main() -> None:
         "after the sync: vllm == hf": after_vllm.responses == after_hf.responses and after_vllm.finished == after_hf.finished,
         "one log-prob per token": [len(x) for x in after_vllm.logprobs] == [len(r) for r in after_vllm.responses],
     }
-    print(f"rank {launch.rank}: {len(mine)} prompts, synced {vllm.last_bytes} bytes, " + ", ".join(f"{k}: {v}" for k, v in checks.items()), flush=True)
+    line = f"rank {launch.rank}: {len(mine)} prompts, synced {vllm.last_bytes} bytes, " + ", ".join(f"{k}: {v}" for k, v in checks.items())
+    sys.stdout.write(line + "\n")  # one write: the two ranks share the pipe
+    sys.stdout.flush()
     dist.barrier()
     sys.stdout.flush()
     from rlhf.errors import _run_exit_hooks
