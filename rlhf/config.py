@@ -419,6 +419,8 @@ class RolloutConfig:
     """Sampling temperature (0: greedy decoding, batch inference only)."""
     top_p: float = 1.0
     """Nucleus sampling."""
+    ignore_eos: bool = False
+    """Never stop at EOS: every response is exactly --generate_max_len tokens (throughput benchmarks, vLLM's ignore_eos)."""
     rollout_backend: Literal["hf", "vllm"] = "hf"
     """Generation engine: hf (transformers generate) or vllm (vLLM inside the actor's ranks, colocated placement)."""
     weight_sync_bucket_mb: float = 64.0

@@ -102,7 +102,7 @@ def run(loop: Loop, engine: TrainEngine, total_steps: int, per_epoch: int, check
         record = _reduce_step_metrics(sums, normaliser, loop.dp_size * accumulation)
         elapsed = time.perf_counter() - started
         step_tokens = sum(loop.lengths[i] for r in step_batches for mb in r for i in mb)
-        record.update(lr=engine.lr, grad_norm=engine.grad_norm, epoch=epoch, tokens_per_s=step_tokens / elapsed)
+        record.update(lr=engine.lr, grad_norm=engine.grad_norm, epoch=epoch, step_seconds=elapsed, tokens_per_s=step_tokens / elapsed)
 
         done = step + 1
         end_of_epoch = done % per_epoch == 0 or done == total_steps

@@ -67,6 +67,7 @@ class HFGenerator:
             input_ids=input_ids.to(device()),
             attention_mask=attention_mask.to(device()),
             max_new_tokens=self.cfg.generate_max_len,
+            min_new_tokens=self.cfg.generate_max_len if self.cfg.ignore_eos else 0,  # EOS masked until the end
             do_sample=not greedy,
             eos_token_id=self.eos_id,
             pad_token_id=self.pad_id,
@@ -76,7 +77,7 @@ class HFGenerator:
         )
         responses, finished = [], []
         for row in out[:, width:].tolist():
-            if self.eos_id in row:
+            if self.eos_id in row and not self.cfg.ignore_eos:
                 row = row[: row.index(self.eos_id) + 1]
                 finished.append(True)
             else:

@@ -107,7 +107,8 @@ class VLLMGenerator:
             temperature=0.0 if greedy else self.cfg.temperature,
             top_p=1.0 if greedy else self.cfg.top_p,
             max_tokens=self.cfg.generate_max_len,
-            stop_token_ids=[self.eos_id],
+            stop_token_ids=[] if self.cfg.ignore_eos else [self.eos_id],
+            ignore_eos=self.cfg.ignore_eos,
             logprobs=0,  # the log-prob of each sampled token
         )
         outputs = self.llm.generate([{"prompt_token_ids": p} for p in union], params, use_tqdm=False) if union else []
