@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Rerun every benchmark and refresh perf/results/ (Markdown tables + PNG charts); ~1 h on 2 CPU cores.
+# Run it on a quiet machine: the figures are medians of alternating rounds, but other load still
+# widens them.   bash perf/run_all.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash perf/setup.sh
+python perf/side_by_side.py --bench sft dpo grpo
+python perf/mfu.py
+python perf/rollout_speed.py
+python -m rlhf.plan --model 7B --gpu RTX4090 --num_gpus_per_node 4 --trainer ppo --zero_stage 3 --adam_offload --gradient_checkpointing | tee perf/results/plan_7b_4x4090.txt
