@@ -39,6 +39,7 @@ from rlhf.data.batching import plan_epoch  # noqa: E402
 
 SEED = 42  # our trainer's default --seed: it fixes the data order TRL is given
 ALPHABET = string.ascii_lowercase + string.digits + " "
+MISMATCHES: list[str] = []  # benchmarks whose two sides were found to do different work
 
 
 def random_text(rng: random.Random, n: int) -> str:
@@ -212,6 +213,10 @@ def finish(name: str, title: str, unit: str, args, n_params: int, results: dict[
         notes.append(f"Same work: tokens per step rlhf {ours_first['tokens_per_step']:.0f} / TRL {first[base]['tokens_per_step']:.0f}; "
                      f"step-0 loss rlhf {ours_first['loss0']:.6f} / TRL {first[base]['loss0']:.6f} (relative gap {step0_gap(ours_first['loss0'], first[base]['loss0']):.1e}); "
                      f"last-step loss {ours_first['loss_last']:.4f} / {first[base]['loss_last']:.4f}.")
+        same_tokens = ours_first["tokens_per_step"] == first[base]["tokens_per_step"]
+        if not same_tokens or step0_gap(ours_first["loss0"], first[base]["loss0"]) > 1e-4:
+            MISMATCHES.append(name)
+            notes.append("WARNING: the two sides did NOT do the same work (tokens per step or step-0 loss differ): the ratio is not a fair comparison.")
     if "chosen_logp0" in first[base]:
         ours_first = first["rlhf"]
         notes.append(f"Step-0 log-probs (summed over the response, mean over pairs): chosen rlhf {ours_first['chosen_logp0']:.3f} / TRL {first[base]['chosen_logp0']:.3f}, "
@@ -232,11 +237,11 @@ def main() -> None:
     parser.add_argument("--bench", nargs="+", choices=["sft", "dpo", "grpo"], default=["sft", "dpo", "grpo"], help="benchmarks to run (default all)")
     parser.add_argument("--hidden", type=int, default=512, help="hidden size of the Qwen2 model (default 512: 25M parameters with 8 layers)")
     parser.add_argument("--layers", type=int, default=8, help="decoder layers (default 8)")
-    parser.add_argument("--seq_len", type=int, default=512, help="SFT/DPO tokens per sequence (default 512)")
+    parser.add_argument("--seq_len", type=int, default=256, help="SFT/DPO tokens per sequence (default 256)")
     parser.add_argument("--batch", type=int, default=8, help="sequences / pairs / completions per optimizer step (default 8)")
     parser.add_argument("--micro_batch", type=int, default=4, help="per forward/backward (default 4)")
-    parser.add_argument("--steps", type=int, default=6, help="optimizer steps per round (default 6)")
-    parser.add_argument("--warmup", type=int, default=2, help="first steps of a round not timed (default 2)")
+    parser.add_argument("--steps", type=int, default=5, help="optimizer steps per round (default 5)")
+    parser.add_argument("--warmup", type=int, default=1, help="first steps of a round not timed (default 1)")
     parser.add_argument("--repeats", type=int, default=3, help="alternating rounds (default 3)")
     parser.add_argument("--lr", type=float, default=1e-5, help="learning rate, both sides (default 1e-5)")
     parser.add_argument("--zero_stage", type=int, default=2, choices=[0, 1, 2, 3], help="our DeepSpeed ZeRO stage (default 2, as users run it)")
@@ -262,6 +267,8 @@ def main() -> None:
         else:
             shutil.rmtree(work, ignore_errors=True)
     print(json.dumps(summary))
+    if MISMATCHES:
+        sys.exit(f"error: the sides did different work in: {', '.join(MISMATCHES)} (see the reports)")
 
 
 if __name__ == "__main__":
