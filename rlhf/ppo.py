@@ -87,10 +87,11 @@ class ActorBatch:
 
     batch: dict[str, torch.Tensor]  # input_ids, attention_mask, loss_mask [B, T]
     action_mask: torch.Tensor  # [B, T-1]
-    old_logp: torch.Tensor  # [B, T-1]
+    old_logp: Optional[torch.Tensor]  # [B, T-1]; None: taken from the training forward (one update per rollout)
     ref_logp: torch.Tensor  # [B, T-1]
     advantages: torch.Tensor  # [B, T-1]
     is_weights: Optional[torch.Tensor] = None  # [B, T-1] truncated importance weights (--vllm_is_truncation)
+    engine_logp: Optional[torch.Tensor] = None  # [B, T-1] the generating engine's log-probs (vLLM), 0 on prompts
 
 
 @dataclass
@@ -248,6 +249,23 @@ def generate(cfg: PPOConfig, roles: RoleEngines, prompts: list[Prompt], tags: li
     return items
 
 
+def behaviour_logp_from_training(cfg: PPOConfig) -> bool:
+    """Whether the experience phase can skip its own actor forward for the behaviour log-probs.
+
+    When a rollout batch gets exactly one optimizer step (one --ppo_epochs pass and
+    --train_batch_size = the rollout's samples), every training micro-batch runs on the weights
+    that generated it, so the training forward's log-probs ARE the behaviour log-probs (ratio 1,
+    as TRL does with num_iterations=1). That holds only if nothing needs them before training: no
+    KL penalty in the reward (KL as a loss, or none), no frozen-actor warm-up steps (the vLLM
+    log-prob gap and truncated importance weights are then taken in training too). Saves one
+    forward pass of the actor over the rollout per step.
+    """
+    algo, rollout = cfg.algo, cfg.rollout
+    kl_in_reward = not algo.use_kl_loss and (algo.init_kl_coef != 0 or algo.kl_target is not None)
+    one_update = algo.ppo_epochs == 1 and cfg.train.train_batch_size == rollout.rollout_batch_size * rollout.n_samples_per_prompt
+    return one_update and not kl_in_reward and algo.freezing_actor_steps == 0
+
+
 def make_experience(cfg: PPOConfig, roles: RoleEngines, scorer: Scorer, prompts: list[Prompt], timings: dict) -> tuple[Optional[ActorBatch], Optional[CriticBatch], dict[str, float]]:
     """Collective. Generate n responses per prompt (``prompts``: this generating rank's share),
     score them on every role's ranks, and turn rewards into advantages (actor ranks) and returns
@@ -270,24 +288,28 @@ def make_experience(cfg: PPOConfig, roles: RoleEngines, scorer: Scorer, prompts:
         action_mask = batch["loss_mask"][:, 1:].float()  # [B, T-1]
         width = action_mask.size(1)
         with torch.no_grad():
-            old_logp = torch.cat([policy_logp(actor, mb)[0] for _, mb in in_micro_batches(batch, cfg.rollout.micro_rollout_batch_size)])
+            old_logp = None  # from the training forward (behaviour_logp_from_training)
+            if not behaviour_logp_from_training(cfg):
+                old_logp = torch.cat([policy_logp(actor, mb)[0] for _, mb in in_micro_batches(batch, cfg.rollout.micro_rollout_batch_size)])
             if "reference" in results:
                 ref_logp = padded(results["reference"], width)
             else:  # LoRA: the reference is the base model, i.e. the actor with its adapter off
                 with actor.module.disable_adapter():
                     ref_logp = torch.cat([policy_logp(actor, mb)[0] for _, mb in in_micro_batches(batch, cfg.rollout.micro_rollout_batch_size)])
         values = padded(results["critic"], width) if "critic" in results else None
-        is_weights = None
+        is_weights, engine_logp = None, None
         if items and items[0][4] is not None:  # the engine's own log-probs: how far its numerics are from the actor's
             engine_logp = padded([torch.tensor([0.0] * (len(p.ids) - 1) + lp) for p, _, _, _, lp in items], width)
-            stats["rollout_logp_gap"] = ((old_logp - engine_logp).abs() * action_mask).sum().item()
-            if cfg.rollout.vllm_is_truncation is not None:
-                is_weights = (old_logp - engine_logp).clamp(max=20).exp().clamp(max=cfg.rollout.vllm_is_truncation) * action_mask
+            if old_logp is not None:  # else both are measured against the training forward
+                stats["rollout_logp_gap"] = ((old_logp - engine_logp).abs() * action_mask).sum().item()
+                if cfg.rollout.vllm_is_truncation is not None:
+                    is_weights = ppo_math.truncated_is_weights(old_logp, engine_logp, cfg.rollout.vllm_is_truncation, action_mask)
         seq_reward, per_source = scorer.rewards(expanded, responses, results.get("reward", [[]] * len(samples)))
         hit_limit = torch.tensor([not finished for _, _, finished, *_ in items])
         seq_reward = ppo_math.overlong_penalty(seq_reward, hit_limit, cfg.algo.overlong_penalty).to(device())
 
-        kl = ppo_math.kl_estimate(old_logp, ref_logp, cfg.algo.kl_estimator) * action_mask  # [B, T-1]
+        # [B, T-1]; without behaviour log-probs yet the KL is measured in training (it is not in the reward then)
+        kl = ppo_math.kl_estimate(old_logp, ref_logp, cfg.algo.kl_estimator) * action_mask if old_logp is not None else torch.zeros_like(action_mask)
         kl_coef = 0.0 if cfg.algo.use_kl_loss else scorer.kl_ctl.value  # GRPO puts the KL in the loss instead
         estimator = ppo_math.get_estimator(cfg.algo.advantage_estimator)
         advantages, returns = estimator(
@@ -297,7 +319,7 @@ def make_experience(cfg: PPOConfig, roles: RoleEngines, scorer: Scorer, prompts:
                 sum_over_shards=lambda t: all_reduce_tensor(t, roles.group("actor")),
             )
         )
-        actor_batch = ActorBatch(batch, action_mask, old_logp, ref_logp, advantages.detach(), is_weights)
+        actor_batch = ActorBatch(batch, action_mask, old_logp, ref_logp, advantages.detach(), is_weights, engine_logp)
         returns_rows = [returns[i, : len(s) - 1].cpu() for i, s in enumerate(samples)] if values is not None else []
         stats.update(
             reward=seq_reward.sum().item(), kl=kl.sum().item(), response_length=action_mask.sum().item(),
@@ -357,7 +379,7 @@ def train_actor(cfg: PPOConfig, exp: ActorBatch, actor: TrainEngine, group, kl_c
     loss). With ``ptx``, every micro-batch also fits one pre-training micro-batch (numbered from
     ``ptx_first``), weighted by --ptx_coef per pre-training token of the step."""
     lo, hi = cfg.algo.eps_clip_low_high
-    sums = dict.fromkeys(("policy_loss", "clip_fraction", "approx_kl", "entropy", "ptx_loss", "actor_updates"), 0.0)
+    sums = dict.fromkeys(("policy_loss", "clip_fraction", "approx_kl", "entropy", "ptx_loss", "actor_updates", "kl", "rollout_logp_gap"), 0.0)
     ptx_number = ptx_first
     for micro_batches, step_tokens in ppo_steps(cfg, exp.action_mask, actor.dp_size, group, seed):
         if ptx is not None:
@@ -367,9 +389,19 @@ def train_actor(cfg: PPOConfig, exp: ActorBatch, actor: TrainEngine, group, kl_c
         for j, idx in enumerate(micro_batches):
             mb, mask = {k: v[idx] for k, v in exp.batch.items()}, exp.action_mask[idx]
             logp, logits = policy_logp(actor, mb)
+            old_logp, is_weights = exp.old_logp, exp.is_weights
+            if old_logp is None:  # behaviour log-probs = this forward's: the KL and engine statistics are measured here
+                old_logp = logp.detach()
+                sums["kl"] += ppo_math.masked_sum(ppo_math.kl_estimate(old_logp, exp.ref_logp[idx], cfg.algo.kl_estimator), mask).item()
+                if exp.engine_logp is not None:
+                    sums["rollout_logp_gap"] += ((old_logp - exp.engine_logp[idx]).abs() * mask).sum().item()
+                    if cfg.rollout.vllm_is_truncation is not None:
+                        is_weights = ppo_math.truncated_is_weights(old_logp, exp.engine_logp[idx], cfg.rollout.vllm_is_truncation, mask)
+            else:
+                old_logp = old_logp[idx]
+                is_weights = is_weights[idx] if is_weights is not None else None
             loss, clip_frac, approx_kl = ppo_math.policy_loss(
-                logp, exp.old_logp[idx], exp.advantages[idx], mask, lo, hi, cfg.algo.dual_clip, step_tokens,
-                token_weights=exp.is_weights[idx] if exp.is_weights is not None else None,
+                logp, old_logp, exp.advantages[idx], mask, lo, hi, cfg.algo.dual_clip, step_tokens, token_weights=is_weights,
             )
             entropy = ppo_math.masked_sum(ppo_math.entropy_from_logits(logits[:, :-1]), mask) / step_tokens
             if cfg.algo.entropy_coef:
@@ -579,6 +611,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         seed = cfg.train.seed * 7919 + step
         if actor_batch is not None and step >= algo.freezing_actor_steps:
             train_sums.update(train_actor(cfg, actor_batch, actor, groups.group("actor"), kl_ctl.value, seed, ptx, step * ptx_per_step, ema, tokenizer.pad_token_id))
+            for key in ("kl", "rollout_logp_gap"):  # measured in training when the experience phase had no behaviour log-probs
+                exp_stats[key] += train_sums.pop(key)
         if critic_batch is not None:
             train_sums.update(train_critic(cfg, critic_batch, critic, groups.group("critic"), seed))
         timings["train"] = time.perf_counter() - started

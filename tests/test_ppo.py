@@ -70,7 +70,9 @@ def test_rm_driven_ppo_raises_rm_score_within_kl_bound(sft_weak_model, rm_tiny_m
 
 @pytest.mark.parametrize("stage", [2, 3])
 def test_colocated_zero_stages_run(sft_tiny_model, tmp_path, stage):
-    extra = ["--ds_config", ZERO3_FORCE_GATHER] if stage == 3 else []
+    # ZeRO-3 also takes one update per rollout (128 samples), where the behaviour log-probs and
+    # the KL statistic come from the training forward instead of a separate actor forward.
+    extra = ["--ds_config", ZERO3_FORCE_GATHER, "--train_batch_size", "128"] if stage == 3 else []
     run_trainer("rlhf.ppo", ppo_args(sft_tiny_model, tmp_path, "--zero_stage", str(stage), "--max_steps", "2", "--eval_prompt_data", "None", *extra))
     records = [r for r in read_jsonl(tmp_path / "model" / "metrics.jsonl") if "reward" in r]
     assert len(records) == 2
@@ -235,3 +237,20 @@ def test_unreachable_remote_rm_is_a_clear_error(tmp_path):
     lines = error_lines(proc.stderr)
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-3000:]
     assert f"--remote_rm_url http://127.0.0.1:{port}/score: no answer after 2 tries" in lines[0]
+
+
+def test_behaviour_logp_from_the_training_forward_equals_a_separate_forward(sft_tiny_model):
+    """One update per rollout: skipping the experience phase's actor forward changes nothing."""
+    import json
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "tests/behaviour_logp_check.py", str(sft_tiny_model)], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    results = json.loads(next(line for line in out.stdout.splitlines() if line.startswith("RESULT "))[len("RESULT "):])
+    for case, result in results.items():
+        assert result["update"] > 1e-4, case  # the step really moved the weights ...
+        assert result["weights"] < 1e-6 and result["policy_loss"] < 1e-6 and result["entropy"] < 1e-6, (case, result)  # ... identically both ways
+        assert abs(result["kl_in_training"] - result["kl_separate"]) < 1e-4 * max(1.0, abs(result["kl_separate"])), (case, result)
+        assert abs(result["gap_in_training"] - result["gap_separate"]) < 1e-4 * max(1.0, result["gap_separate"]), (case, result)
+    assert results["vllm_is"]["gap_separate"] > 1.0  # the engine case really had a gap to measure and weights to apply

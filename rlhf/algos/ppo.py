@@ -375,6 +375,15 @@ def dr_grpo(inputs: AdvantageInputs) -> tuple[torch.Tensor, torch.Tensor]:
 # Losses
 
 
+def truncated_is_weights(actor_logp: torch.Tensor, engine_logp: torch.Tensor, cap: float, action_mask: torch.Tensor) -> torch.Tensor:
+    """Truncated importance weights min(pi_actor / pi_engine, cap) per token, [B, T-1] (0 off the mask).
+
+    Corrects the policy loss for the generating engine's (vLLM's) numerics differing from the
+    actor's; the log-ratio is clamped before exp so a wild token cannot overflow.
+    """
+    return (actor_logp - engine_logp).clamp(max=20).exp().clamp(max=cap) * action_mask
+
+
 def policy_loss(
     logp: torch.Tensor,
     old_logp: torch.Tensor,
