@@ -6,7 +6,7 @@
 Peak: the best of repeated square matmuls (``--peak_n``) per dtype, 2 n^3 FLOPs each. Training:
 ``TrainEngine`` (DeepSpeed ZeRO-2, AdamW, one process) on a random-init Qwen2 and random tokens,
 ``--tokens_per_step`` tokens per optimizer step split into sequences of each length; the median
-time of the steps after the first. FLOPs per trained token follow the PaLM accounting:
+time of the steps after the first. On a machine with CUDA the same runs on the GPU. FLOPs per trained token follow the PaLM accounting:
 ``6 N + 12 L s h`` (N = parameters that do matmuls, i.e. all but the input embedding; L layers,
 s sequence length, h hidden; the attention term counts QK^T and AV forward and backward without
 discounting the causal mask). MFU = that times tokens/s over the peak of the same dtype.
@@ -27,14 +27,24 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import qwen2_config, write_report  # noqa: E402
 
 
+def sync() -> None:
+    """Wait for queued GPU work, so wall time measures it (a no-op on CPU)."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def matmul_peak(dtype: torch.dtype, n: int, seconds: float = 3.0) -> float:
     """Best FLOP/s of an n x n @ n x n matmul in ``dtype`` over ~``seconds`` of repeats."""
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    from rlhf.dist.env import device
+
+    a, b = torch.randn(n, n, dtype=dtype, device=device()), torch.randn(n, n, dtype=dtype, device=device())
     a @ b  # warm-up: thread pool, kernel choice
+    sync()
     best, spent = 0.0, 0.0
     while spent < seconds:
         started = time.perf_counter()
         a @ b
+        sync()
         took = time.perf_counter() - started
         spent += took
         best = max(best, 2 * n**3 / took)
@@ -55,6 +65,7 @@ def measure_training(hidden: int, layers: int, seq_len: int, tokens_per_step: in
     from transformers import AutoModelForCausalLM
 
     from rlhf.config import TrainConfig
+    from rlhf.dist.env import device
     from rlhf.engines.train_engine import TrainEngine
 
     config = qwen2_config(hidden, layers, vocab_size=128)
@@ -64,13 +75,14 @@ def measure_training(hidden: int, layers: int, seq_len: int, tokens_per_step: in
     cfg = TrainConfig(micro_train_batch_size=batch, train_batch_size=batch, zero_stage=2, learning_rate=1e-5, lr_warmup_ratio=0.0)
     engine = TrainEngine(model, cfg, bf16=bf16, total_steps=steps, dp_size=1)
     engine.train()
-    ids = torch.randint(0, config.vocab_size, (batch, seq_len))
+    ids = torch.randint(0, config.vocab_size, (batch, seq_len), device=device())
     times = []
     for _ in range(steps):
         started = time.perf_counter()
         loss = engine(input_ids=ids, labels=ids).loss
         engine.backward(loss)
         engine.step()
+        sync()
         times.append(time.perf_counter() - started)
     seconds = statistics.median(times[1:])
     flops_per_token, n = train_flops_per_token(config, seq_len)

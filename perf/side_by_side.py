@@ -14,9 +14,11 @@ step are equal, and the step-0 loss (and for DPO the chosen/rejected log-probs) 
 
 GRPO: prompts are the embedded addition prompts; both sides sample ``--completion_len`` tokens
 per completion with EOS suppressed (ours: ``--ignore_eos``; TRL: ``min_new_tokens``), so both
-generate the same number of tokens; both keep a reference model (KL coefficient ``--kl``) and
-take one optimizer step per rollout. Ours runs with the transformers backend and with colocated
-vLLM; its per-phase split (generate / sync / score / train) is reported too.
+generate the same number of tokens; both keep a reference model (a k3 KL term in the loss with
+coefficient ``--kl``: TRL's beta, our ``--use_kl_loss``) and take one optimizer step per rollout
+(so neither runs a separate forward for the behaviour log-probs). Ours runs with the
+transformers backend and with colocated vLLM; its per-phase split (generate / sync / score /
+train) is reported too.
 """
 
 from __future__ import annotations
@@ -148,6 +150,7 @@ def bench_dpo(args, work: Path, model: str, n_params: int) -> dict:
 
 
 def bench_grpo(args, work: Path, model: str, n_params: int) -> dict:
+    args = argparse.Namespace(**{**vars(args), "batch": args.grpo_batch, "micro_batch": args.grpo_micro_batch})
     prompts = [json.loads(line) for line in (REPO / "rlhf" / "assets" / "arith" / "prompts_train.jsonl").read_text().splitlines()]
     n_prompts = args.batch // args.num_generations
     rows = [{"prompt": p["input"], "input": p["input"], "label": p["label"]} for p in prompts[: n_prompts * args.steps]]
@@ -160,7 +163,7 @@ def bench_grpo(args, work: Path, model: str, n_params: int) -> dict:
             cmd = [sys.executable, "-m", "rlhf.ppo", "--pretrain", model, "--prompt_data", str(work / "grpo.jsonl"), "--input_key", "input",
                    "--reward_func", reward, "--advantage_estimator", "group_norm", "--n_samples_per_prompt", str(args.num_generations),
                    "--rollout_batch_size", str(n_prompts), "--micro_rollout_batch_size", str(args.batch), "--generate_max_len", str(args.completion_len),
-                   "--ignore_eos", "--temperature", "1.0", "--init_kl_coef", str(args.kl), "--train_batch_size", str(args.batch),
+                   "--ignore_eos", "--temperature", "1.0", "--init_kl_coef", str(args.kl), "--use_kl_loss", "--kl_estimator", "k3", "--train_batch_size", str(args.batch),
                    "--micro_train_batch_size", str(args.micro_batch), "--rollout_backend", backend, *common_flags(args, work, tag)]
             run_side(cmd, log=work / f"{tag}.log")
             steps = [s for s in read_jsonl(work / f"out-{tag}" / "metrics.jsonl") if "time_train" in s]
@@ -189,7 +192,7 @@ def bench_grpo(args, work: Path, model: str, n_params: int) -> dict:
         sides["rlhf (vLLM)"] = ours("vllm")
     return finish("grpo", "GRPO: rlhf vs TRL GRPOTrainer", "samples/s", args, n_params, alternate(sides, args.repeats),
                   f"{n_prompts} prompts x {args.num_generations} samples per step, {args.completion_len} tokens each (EOS suppressed), "
-                  f"reference model with KL coefficient {args.kl}, one optimizer step per rollout ({args.micro_batch} per micro-batch)")
+                  f"reference model with a k3 KL loss of coefficient {args.kl}, one optimizer step per rollout ({args.micro_batch} per micro-batch)")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -213,7 +216,7 @@ def finish(name: str, title: str, unit: str, args, n_params: int, results: dict[
         notes.append(f"Same work: tokens per step rlhf {ours_first['tokens_per_step']:.0f} / TRL {first[base]['tokens_per_step']:.0f}; "
                      f"step-0 loss rlhf {ours_first['loss0']:.6f} / TRL {first[base]['loss0']:.6f} (relative gap {step0_gap(ours_first['loss0'], first[base]['loss0']):.1e}); "
                      f"last-step loss {ours_first['loss_last']:.4f} / {first[base]['loss_last']:.4f}.")
-        same_tokens = ours_first["tokens_per_step"] == first[base]["tokens_per_step"]
+        same_tokens = round(ours_first["tokens_per_step"]) == round(first[base]["tokens_per_step"])
         if not same_tokens or step0_gap(ours_first["loss0"], first[base]["loss0"]) > 1e-4:
             MISMATCHES.append(name)
             notes.append("WARNING: the two sides did NOT do the same work (tokens per step or step-0 loss differ): the ratio is not a fair comparison.")
@@ -245,6 +248,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="alternating rounds (default 3)")
     parser.add_argument("--lr", type=float, default=1e-5, help="learning rate, both sides (default 1e-5)")
     parser.add_argument("--zero_stage", type=int, default=2, choices=[0, 1, 2, 3], help="our DeepSpeed ZeRO stage (default 2, as users run it)")
+    parser.add_argument("--grpo_batch", type=int, default=32, help="GRPO samples per step = prompts x --num_generations (default 32)")
+    parser.add_argument("--grpo_micro_batch", type=int, default=8, help="GRPO samples per training forward/backward (default 8)")
     parser.add_argument("--num_generations", type=int, default=8, help="GRPO samples per prompt (default 8)")
     parser.add_argument("--completion_len", type=int, default=64, help="GRPO tokens per sample (default 64)")
     parser.add_argument("--kl", type=float, default=0.001, help="GRPO KL coefficient; > 0 so both sides run a reference model (default 0.001)")
