@@ -35,7 +35,7 @@ from rlhf.errors import UserError, exit_on_user_error, run_program
 from rlhf.models.loading import load_causal_lm, load_reward_model, load_tokenizer, resolve_model_path
 from rlhf.rewards import RewardFunction, combine, normalise_score, parse_weights
 from rlhf.rollout.hf import HFGenerator
-from rlhf.rollout.vllm_engine import VLLMGenerator
+from rlhf.rollout.vllm_engine import VLLMGenerator, engine_tp_group
 
 
 class ResponseScorer:
@@ -75,12 +75,9 @@ class ResponseScorer:
 def make_generator(cfg: GenerateConfig, tokenizer, world_size: int, rank: int):
     """transformers or vLLM, on this rank (vLLM: one engine per --vllm_tensor_parallel_size ranks)."""
     if cfg.task.eval_task == "generate_vllm":
-        tp = cfg.rollout.vllm_tensor_parallel_size
-        if world_size % tp:
-            raise UserError(f"--vllm_tensor_parallel_size {tp} must divide the {world_size} ranks")
-        groups = [dist.new_group(list(range(g, g + tp))) for g in range(0, world_size, tp)] if tp > 1 else []
+        tp_group = engine_tp_group(world_size, rank, cfg.rollout.vllm_tensor_parallel_size)
         dtype = torch.bfloat16 if cfg.model.bf16 else torch.float32
-        return VLLMGenerator(resolve_model_path(cfg.model.pretrain), tokenizer, cfg.rollout, max_model_len=cfg.task.prompt_max_len + cfg.rollout.generate_max_len, dtype=dtype, seed=cfg.seed, tp_group=groups[rank // tp] if groups else None)
+        return VLLMGenerator(resolve_model_path(cfg.model.pretrain), tokenizer, cfg.rollout, max_model_len=cfg.task.prompt_max_len + cfg.rollout.generate_max_len, dtype=dtype, seed=cfg.seed, tp_group=tp_group)
     model = load_causal_lm(dataclasses.replace(cfg.model, gradient_checkpointing=False)).to(device()).eval()
     return HFGenerator(model, tokenizer, cfg.rollout)
 

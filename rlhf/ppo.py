@@ -54,7 +54,7 @@ from rlhf.models.loading import load_causal_lm, load_reward_model, load_tokenize
 from rlhf.rewards import RemoteReward, RewardFunction, combine, normalise_score, parse_weights
 from rlhf.rollout.hf import HFGenerator
 from rlhf.rollout.sync import WeightBroadcast
-from rlhf.rollout.vllm_engine import VLLMGenerator
+from rlhf.rollout.vllm_engine import VLLMGenerator, engine_tp_group
 from rlhf.trainer import all_reduce_sums, all_reduce_tensor, finish
 
 CRITIC_ESTIMATORS = ("gae",)
@@ -509,7 +509,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     if vllm and (launch.world_size % tp or (rollout.vllm_num_engines not in (None, launch.world_size // tp))):
         raise UserError(f"--vllm_num_engines {rollout.vllm_num_engines} x --vllm_tensor_parallel_size {tp} must equal the {launch.world_size} ranks (one engine per group of {tp} consecutive ranks)")
     groups = topology.build_groups()
-    tp_groups = [dist.new_group(list(range(g, g + tp))) for g in range(0, launch.world_size, tp)] if vllm and tp > 1 else []
+    tp_group = engine_tp_group(launch.world_size, launch.rank, tp) if vllm else None
     sync_members = [topology.ranks("actor")[0], *topology.ranks("rollout")] if "rollout" in topology.roles else []
     sync_group = dist.new_group(sync_members) if sync_members else None  # collective: every rank builds it
     mine = topology.roles_of(launch.rank)
@@ -557,7 +557,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     elif actor is not None and vllm:
         generator = VLLMGenerator(
             resolve_model_path(cfg.model.pretrain), tokenizer, rollout, max_model_len=cfg.data.prompt_max_len + rollout.generate_max_len,
-            dtype=torch.bfloat16 if cfg.model.bf16 else torch.float32, seed=cfg.train.seed, tp_group=tp_groups[rank // tp] if tp_groups else None,
+            dtype=torch.bfloat16 if cfg.model.bf16 else torch.float32, seed=cfg.train.seed, tp_group=tp_group,
         )
     elif actor is not None:
         generator = HFGenerator(actor.module, tokenizer, rollout, actor.unpartitioned) if "rollout" not in topology.roles else None

@@ -26,7 +26,6 @@ import random
 from typing import Optional, Sequence
 
 import torch
-import torch.distributed as dist
 
 from rlhf.config import RejectionSamplingConfig, parse_config
 from rlhf.data.batching import plan_epoch, step_micro_batches, steps_in_epoch
@@ -40,7 +39,7 @@ from rlhf.io.checkpoint import export_hf
 from rlhf.metrics import MetricsLogger
 from rlhf.models.loading import load_causal_lm, load_tokenizer, resolve_model_path
 from rlhf.rollout.hf import HFGenerator
-from rlhf.rollout.vllm_engine import VLLMGenerator
+from rlhf.rollout.vllm_engine import VLLMGenerator, engine_tp_group
 from rlhf.sft import batch_tensors, forward_nll, target_tokens
 from rlhf.trainer import all_reduce_sums
 
@@ -107,11 +106,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     schedule_steps = max(1, select.iterations * cfg.train.max_epochs * math.ceil(kept_bound / cfg.train.train_batch_size))
     engine = TrainEngine(load_causal_lm(cfg.model), cfg.train, bf16=cfg.model.bf16, total_steps=schedule_steps, dp_size=world)
     if task.eval_task == "generate_vllm":
-        tp = cfg.rollout.vllm_tensor_parallel_size
-        groups = [dist.new_group(list(range(g, g + tp))) for g in range(0, world, tp)] if tp > 1 else []
+        tp_group = engine_tp_group(world, rank, cfg.rollout.vllm_tensor_parallel_size)
         generator = VLLMGenerator(
             resolve_model_path(cfg.model.pretrain), tokenizer, cfg.rollout, max_model_len=task.prompt_max_len + cfg.rollout.generate_max_len,
-            dtype=torch.bfloat16 if cfg.model.bf16 else torch.float32, seed=cfg.train.seed, tp_group=groups[rank // tp] if groups else None,
+            dtype=torch.bfloat16 if cfg.model.bf16 else torch.float32, seed=cfg.train.seed, tp_group=tp_group,
         )
     else:
         generator = HFGenerator(engine.module, tokenizer, cfg.rollout, engine.unpartitioned)

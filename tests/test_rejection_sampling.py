@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from helpers import error_lines, read_jsonl, run_trainer
 
 
@@ -30,9 +32,11 @@ def test_one_round_keeps_better_samples_and_raises_the_policy_reward(sft_weak_mo
     assert (tmp_path / "model" / "model.safetensors").is_file()
 
 
-def test_keep_best_writes_one_sample_per_prompt(sft_weak_model, tmp_path):
-    """--iterations 0: generate, score and write the dataset only; the best of each prompt's 8."""
-    run_trainer("rlhf.rejection_sampling", rs_args(sft_weak_model, tmp_path, "--iterations", "0", "--max_samples", "64"))
+@pytest.mark.parametrize("backend", [[], ["--eval_task", "generate_vllm", "--vllm_tensor_parallel_size", "2"]], ids=["hf", "vllm-tp2"])
+def test_keep_best_writes_one_sample_per_prompt(sft_weak_model, tmp_path, backend):
+    """--iterations 0: generate, score and write the dataset only; the best of each prompt's 8
+    (transformers on each rank, or one vLLM engine over both ranks)."""
+    run_trainer("rlhf.rejection_sampling", rs_args(sft_weak_model, tmp_path, "--iterations", "0", "--max_samples", "64", *backend))
     kept = read_jsonl(tmp_path / "round_1.jsonl")
     (record,) = read_jsonl(tmp_path / "metrics.jsonl")
     assert len(kept) == 64 and all(set(r) >= {"input", "prompt", "output", "reward"} for r in kept)

@@ -122,6 +122,17 @@ class VLLMGenerator:
         return Generations(responses, finished, generate_seconds=time.perf_counter() - started, logprobs=logprobs)
 
 
+def engine_tp_group(world_size: int, rank: int, tp: int) -> Optional[dist.ProcessGroup]:
+    """Collective: every rank builds every group. One vLLM engine per ``tp`` consecutive ranks;
+    returns this rank's engine group (None with ``tp`` 1: an engine of its own)."""
+    if world_size % tp:
+        raise UserError(f"--vllm_tensor_parallel_size {tp} must divide the {world_size} ranks (one engine per group of {tp} consecutive ranks)")
+    if tp == 1:
+        return None
+    groups = [dist.new_group(list(range(first, first + tp))) for first in range(0, world_size, tp)]
+    return groups[rank // tp]
+
+
 def _unique_cpu_shm_names() -> None:
     """vLLM on CPU names the shared-memory segments of a tensor-parallel group after the
     distributed init method, which under torchrun is "env://" for every job: two jobs on one
