@@ -7,6 +7,7 @@ tokenizer and saves it to a folder that both sides load, so both train exactly t
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import platform
@@ -23,24 +24,24 @@ RESULTS = REPO / "perf" / "results"
 TRL_PYTHON = REPO / "perf" / ".venv-trl" / "bin" / "python"
 
 
-def qwen2_config(hidden: int, layers: int, vocab_size: int, **extra):
-    """A Qwen2 config of the given width and depth, heads of 64 dims, GQA 2:1, MLP 3x (untied head)."""
+def qwen2_config(hidden: int, layers: int, vocab_size: int, tied: bool = False, **extra):
+    """A Qwen2 config of the given width and depth, heads of 64 dims, GQA 2:1, MLP 3x."""
     from transformers import Qwen2Config
 
     return Qwen2Config(
         vocab_size=vocab_size, hidden_size=hidden, intermediate_size=hidden * 3, num_hidden_layers=layers,
         num_attention_heads=max(hidden // 64, 1), num_key_value_heads=max(hidden // 128, 1), max_position_embeddings=4096,
-        tie_word_embeddings=False, **extra,
+        tie_word_embeddings=tied, **extra,
     )
 
 
-def build_model(folder: str, hidden: int, layers: int) -> int:
+def build_model(folder: str, hidden: int, layers: int, tied: bool = False) -> int:
     """Save a seeded random Qwen2 + the embedded tokenizer to ``folder``; returns the parameter count."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(REPO / "rlhf" / "assets" / "tiny-qwen2")
-    config = qwen2_config(hidden, layers, len(tokenizer), bos_token_id=None, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    config = qwen2_config(hidden, layers, len(tokenizer), tied, bos_token_id=None, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.save_pretrained(folder)
@@ -48,6 +49,7 @@ def build_model(folder: str, hidden: int, layers: int) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+@functools.lru_cache(maxsize=None)
 def machine() -> str:
     """One line: date, CPU, cores, versions."""
     import torch
@@ -81,14 +83,14 @@ def trl_version() -> Optional[str]:
     return out.stdout.strip() or None
 
 
-def run_side(cmd: list[str], env: Optional[dict] = None, log: Optional[Path] = None) -> float:
+def run_side(cmd: list[str], log: Optional[Path] = None) -> float:
     """Run one side's subprocess to completion (its output to ``log``); returns wall seconds.
 
     A failure raises with the log's tail, so a broken side is never reported as slow or fast.
     """
     started = time.perf_counter()
     with open(log or os.devnull, "w") as out:
-        proc = subprocess.run(cmd, cwd=REPO, env={**os.environ, **(env or {})}, stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.run(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
     if proc.returncode != 0:
         tail = Path(log).read_text()[-3000:] if log else ""
         raise RuntimeError(f"{' '.join(cmd[:4])} ... failed with exit {proc.returncode}:\n{tail}")

@@ -27,23 +27,10 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import build_model  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
-
-
-def build_model(folder: str, hidden: int, layers: int) -> int:
-    from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config
-
-    tokenizer = AutoTokenizer.from_pretrained(REPO / "rlhf" / "assets" / "tiny-qwen2")
-    config = Qwen2Config(
-        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=hidden * 3, num_hidden_layers=layers,
-        num_attention_heads=max(hidden // 64, 1), num_key_value_heads=max(hidden // 128, 1), max_position_embeddings=2048,
-        tie_word_embeddings=True, bos_token_id=None, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-    )
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return sum(p.numel() for p in model.parameters())
 
 
 def main() -> None:
@@ -69,11 +56,11 @@ def main() -> None:
 
     init_distributed()
     folder = tempfile.mkdtemp(prefix="rollout-speed-")
-    n_params = build_model(folder, args.hidden, args.layers)
+    n_params = build_model(folder, args.hidden, args.layers, tied=True)
     model_cfg = ModelConfig(pretrain=folder)
     tokenizer = load_tokenizer(model_cfg)
     prompts = [p.ids for p in load_prompts("embedded:arith/prompts_train.jsonl", None, tokenizer, PromptDataConfig(), 0)[: args.batch]]
-    rollout = RolloutConfig(generate_max_len=args.new_tokens, micro_rollout_batch_size=args.batch, vllm_kv_cache_mb=512)
+    rollout = RolloutConfig(generate_max_len=args.new_tokens, micro_rollout_batch_size=args.batch, vllm_kv_cache_mb=512, ignore_eos=True)
 
     actor = TrainEngine(load_causal_lm(model_cfg), TrainConfig(zero_stage=2, micro_train_batch_size=1, train_batch_size=1), bf16=False, total_steps=1, dp_size=1)
     hf = HFGenerator(actor.module, tokenizer, rollout)
@@ -82,16 +69,8 @@ def main() -> None:
 
     def run_hf() -> float:
         started = time.perf_counter()
-        with torch.no_grad():
-            for start in range(0, len(prompts), args.batch):
-                chunk = prompts[start : start + args.batch]
-                width = max(len(p) for p in chunk)
-                ids = torch.full((len(chunk), width), tokenizer.pad_token_id)
-                mask = torch.zeros_like(ids)
-                for i, p in enumerate(chunk):
-                    ids[i, width - len(p) :], mask[i, width - len(p) :] = torch.tensor(p), 1
-                out = actor.module.generate(input_ids=ids, attention_mask=mask, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-                assert out.shape[1] - width == args.new_tokens
+        out = hf.generate(prompts, greedy=True)  # the PPO rollout path: left padding, KV cache, EOS masked (ignore_eos)
+        assert all(len(r) == args.new_tokens for r in out.responses)
         return time.perf_counter() - started
 
     def run_vllm() -> float:
