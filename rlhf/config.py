@@ -143,7 +143,7 @@ class TrainConfig:
     max_epochs: int = 1
     """Passes over the training data."""
     max_steps: Optional[int] = None
-    """Stop after this many optimizer steps (default: max_epochs worth)."""
+    """Stop after this many steps: optimizer steps, except in rlhf.ppo where a step is one rollout of --rollout_batch_size prompts and its updates (default: --max_epochs worth; rlhf.ppo: --num_episodes worth)."""
     learning_rate: float = 5e-6
     """Peak learning rate."""
     lr_warmup_ratio: float = 0.03
@@ -373,8 +373,10 @@ class PromptDataConfig:
     """Comma-separated prompt sources (same forms as --dataset)."""
     prompt_data_probs: Optional[str] = None
     """Mixing weights for the --prompt_data sources."""
-    eval_prompt_data: Optional[str] = "embedded:arith/prompts_eval.jsonl"
-    """Held-out prompts for the eval reward (greedy decoding); None disables eval."""
+    eval_prompt_data: Optional[str] = None
+    """Held-out prompts for the eval reward (greedy decoding). Default: none, so no eval unless --eval_holdout_ratio holds out some of --prompt_data."""
+    eval_holdout_ratio: float = 0.0
+    """Fraction of the --prompt_data prompts held out (not trained on) for the eval reward when --eval_prompt_data is not given; 0: no eval."""
     input_key: str = "input"
     """Row field with the prompt text (or a messages list with --apply_chat_template)."""
     label_key: Optional[str] = "label"
@@ -399,6 +401,10 @@ class PromptDataConfig:
     def validate(self) -> None:
         if self.prompt_max_len < 1:
             raise UserError(f"--prompt_max_len must be >= 1, got {self.prompt_max_len}")
+        if not 0.0 <= self.eval_holdout_ratio < 1.0:
+            raise UserError(f"--eval_holdout_ratio must be in [0, 1), got {self.eval_holdout_ratio}")
+        if self.eval_holdout_ratio > 0 and self.eval_prompt_data:
+            raise UserError("--eval_holdout_ratio and --eval_prompt_data both choose the eval prompts: give one of them")
         if self.pretrain_max_len is not None and self.pretrain_max_len < 2:
             raise UserError(f"--pretrain_max_len must be >= 2, got {self.pretrain_max_len}")
 
@@ -635,6 +641,8 @@ class PPOConfig:
             raise UserError(f"--temperature must be > 0 for RL rollouts, got {self.rollout.temperature}")
         if not (algo.reward_func or algo.reward_pretrain or algo.remote_rm_url):
             raise UserError("PPO needs a reward: give --reward_func module:function, --reward_pretrain MODEL and/or --remote_rm_url URL")
+        if algo.normalize_reward and not algo.reward_pretrain:
+            raise UserError("--normalize_reward normalises reward-model scores, but no --reward_pretrain is given: drop the flag or add a reward model")
         if algo.advantage_estimator in ("rloo", "group_norm", "dr_grpo", "reinforce_baseline") and self.rollout.n_samples_per_prompt < 2:
             raise UserError(f"--advantage_estimator {algo.advantage_estimator} compares samples of one prompt: set --n_samples_per_prompt >= 2")
         per_step = self.rollout.rollout_batch_size * self.rollout.n_samples_per_prompt
@@ -691,6 +699,8 @@ class InferenceConfig:
                 raise UserError("--eval_task rm scores responses: give --output_key (the row field holding them)")
             if not (self.reward_pretrain or self.reward_func):
                 raise UserError("--eval_task rm needs --reward_pretrain MODEL[,MODEL...] and/or --reward_func module:function")
+        if self.normalize_reward and not self.reward_pretrain:
+            raise UserError("--normalize_reward normalises reward-model scores, but no --reward_pretrain is given: drop the flag or add a reward model")
 
     def prompt_data(self) -> "PromptDataConfig":
         return PromptDataConfig(

@@ -38,7 +38,7 @@ from rlhf.algos.losses import next_token_logprobs, sft_nll_sum
 from rlhf.config import DataConfig, ModelConfig, PPOConfig, parse_config
 from rlhf.data.prompts import Prompt, load_prompts
 from rlhf.data.sft import Sample, collate_padded, tokenize_sft
-from rlhf.data.sources import load_mixture
+from rlhf.data.sources import holdout_split, load_mixture
 from rlhf.dist.env import device, init_distributed
 from rlhf.dist.exchange import SampleRouter
 from rlhf.dist.topology import RoleGroups, Topology
@@ -523,7 +523,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     # 2. Data: each step takes --rollout_batch_size prompts; an actor rank gets every dp-th one.
     tokenizer = load_tokenizer(cfg.model)
     prompts = load_prompts(cfg.data.prompt_data, cfg.data.prompt_data_probs, tokenizer, cfg.data, cfg.train.seed)
-    eval_prompts = load_prompts(cfg.data.eval_prompt_data, None, tokenizer, cfg.data, cfg.train.seed) if cfg.data.eval_prompt_data else []
+    if cfg.data.eval_prompt_data:
+        eval_prompts = load_prompts(cfg.data.eval_prompt_data, None, tokenizer, cfg.data, cfg.train.seed)
+    else:  # no eval file: eval on a held-out share of the user's own prompts, or not at all
+        prompts, eval_prompts = holdout_split(prompts, cfg.data.eval_holdout_ratio, cfg.train.seed)
     per_episode = len(prompts) // rollout.rollout_batch_size
     if per_episode == 0:
         raise UserError(f"--prompt_data has {len(prompts)} prompts, fewer than --rollout_batch_size {rollout.rollout_batch_size}")

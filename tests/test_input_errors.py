@@ -1,0 +1,64 @@
+"""Bad input, as a table: each row is one mistake a user makes, the library call that meets it,
+and the words the one-line error must contain (issue 12, items 2-9).
+
+Every case calls the library function that checks the input (config parsing, a data loader, a
+tokeniser, a model loader, a reward source) directly, so the table stays fast; that those
+``UserError``s reach the user as one ``error:`` line with exit status 2 is proven once for all
+entry points in the trainer tests. Rows are added where a check is added.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import pytest
+
+from rlhf.config import GenerateConfig, PPOConfig, parse_config
+from rlhf.errors import UserError
+
+
+@dataclass
+class Case:
+    id: str
+    call: Callable[[Any], object]  # tmp_path -> whatever the checked function returns
+    expect: tuple[str, ...]  # fragments of the message, in order
+
+
+def ppo(*flags: str) -> PPOConfig:
+    return parse_config(PPOConfig, ["--reward_func", "rlhf.rewards:exact_match", *flags])
+
+
+CASES = [
+    # item 2: an eval set is chosen once
+    Case("ppo eval holdout out of range", lambda tmp: ppo("--eval_holdout_ratio", "1.5"), ("--eval_holdout_ratio must be in [0, 1), got 1.5",)),
+    Case("ppo eval holdout and eval file", lambda tmp: ppo("--eval_holdout_ratio", "0.1", "--eval_prompt_data", "x.jsonl"), ("--eval_holdout_ratio and --eval_prompt_data", "give one")),
+    # item 8: flags that would do nothing
+    Case("ppo normalize_reward without reward model", lambda tmp: ppo("--normalize_reward"), ("--normalize_reward", "no --reward_pretrain")),
+    Case(
+        "generate normalize_reward without reward model",
+        lambda tmp: parse_config(GenerateConfig, ["--eval_task", "rm", "--output_key", "output", "--reward_func", "rlhf.rewards:exact_match", "--normalize_reward"]),
+        ("--normalize_reward", "no --reward_pretrain"),
+    ),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_error_case(case: Case, tmp_path):
+    with pytest.raises(UserError) as caught:
+        case.call(tmp_path)
+    message = str(caught.value)
+    assert "\n" not in message, message  # one line
+    position = 0
+    for fragment in case.expect:
+        found = message.find(fragment, position)
+        assert found >= 0, f"{fragment!r} not in {message!r}"
+        position = found + len(fragment)
+
+
+def test_ppo_has_no_eval_set_unless_asked():
+    """Without --eval_prompt_data nothing is evaluated: no default file the user never named."""
+    cfg = ppo()
+    assert cfg.data.eval_prompt_data is None and cfg.data.eval_holdout_ratio == 0.0
+    assert ppo("--eval_holdout_ratio", "0.25").data.eval_holdout_ratio == 0.25
+    assert parse_config(PPOConfig, ["--config", "configs/grpo_tiny.yaml"]).data.eval_prompt_data == "embedded:arith/prompts_eval.jsonl"
