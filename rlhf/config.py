@@ -385,6 +385,8 @@ class PromptDataConfig:
     """Python format string applied to the prompt text."""
     apply_chat_template: bool = False
     """Render prompts with the tokenizer's chat template (with the generation prompt)."""
+    tokenizer_chat_template: Optional[str] = None
+    """Override the tokenizer's chat template (Jinja text)."""
     prompt_max_len: int = 1024
     """Prompts longer than this many tokens are left-truncated."""
     max_samples: int = 100_000_000
@@ -672,6 +674,8 @@ class InferenceConfig:
     """Python format string applied to the prompt text."""
     apply_chat_template: bool = False
     """Render prompts with the tokenizer's chat template (with the generation prompt)."""
+    tokenizer_chat_template: Optional[str] = None
+    """Override the tokenizer's chat template (Jinja text)."""
     prompt_max_len: int = 1024
     """Prompts longer than this many tokens are left-truncated."""
     max_samples: int = 100_000_000
@@ -705,7 +709,7 @@ class InferenceConfig:
     def prompt_data(self) -> "PromptDataConfig":
         return PromptDataConfig(
             prompt_data=self.dataset, prompt_data_probs=self.dataset_probs, input_key=self.input_key, label_key=self.label_key,
-            input_template=self.input_template, apply_chat_template=self.apply_chat_template, prompt_max_len=self.prompt_max_len, max_samples=self.max_samples,
+            input_template=self.input_template, apply_chat_template=self.apply_chat_template, tokenizer_chat_template=self.tokenizer_chat_template, prompt_max_len=self.prompt_max_len, max_samples=self.max_samples,
         )
 
 

@@ -1,0 +1,176 @@
+"""Real data shapes and real tokenizer families (tests/realdata.py builds both locally).
+
+First the tokenisation, in-process: which tokens the loss mask covers, how often BOS appears,
+what padding falls back to, and that the prompt ids RL trains on are the ids the tokenizer's own
+``apply_chat_template`` gives. Then every trainer runs a step or two on the dataset shape it is
+used with, under each tokenizer family where the family changes what happens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+import realdata
+from helpers import read_jsonl, run_trainer
+
+
+@pytest.fixture(scope="session")
+def families(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("families")
+    return {name: realdata.build_family(name, root / name) for name in realdata.FAMILIES}
+
+
+@pytest.fixture(scope="session")
+def data(tmp_path_factory) -> dict:
+    return realdata.write_datasets(tmp_path_factory.mktemp("realdata"))
+
+
+def load_tok(folder):
+    from rlhf.config import ModelConfig
+    from rlhf.models.loading import load_tokenizer
+
+    return load_tokenizer(ModelConfig(pretrain=str(folder)))
+
+
+def rows_of(path):
+    from rlhf.data.sources import load_mixture
+
+    return load_mixture(str(path), None, "train", 10**6, 0)
+
+
+def masked_spans(tok, ids, mask) -> list[str]:
+    """The decoded text of each maximal run of loss-masked tokens."""
+    spans, run = [], []
+    for token, m in zip(ids + [None], mask + [0]):
+        if m:
+            run.append(token)
+        elif run:
+            spans.append(tok.decode(run))
+            run = []
+    return spans
+
+
+# Each family's end of an assistant turn as the loss mask must cover it: ChatML's <|im_end|> and
+# the newline the template writes after it; Llama-3's <|eot_id|>.
+TURN_END = {"qwen2": "<|im_end|>\n", "llama3": "<|eot_id|>"}
+BOS = {"qwen2": None, "llama3": "<|begin_of_text|>"}
+
+
+# ----------------------------------------------------------------------------------------------
+# Tokenisation
+
+
+@pytest.mark.parametrize("family", list(realdata.FAMILIES))
+def test_chat_sft_masks_exactly_the_assistant_turns(families, data, family):
+    from rlhf.config import DataConfig
+    from rlhf.data.sft import tokenize_sft
+
+    tok = load_tok(families[family])
+    rows = rows_of(data["chat"])
+    samples = tokenize_sft(rows, tok, DataConfig(input_key="messages", output_key=None, apply_chat_template=True, max_len=1024))
+    assert len(samples) == len(rows)
+    for row, s in zip(rows, samples):
+        assistant = [m["content"] for m in row["messages"] if m["role"] == "assistant"]
+        assert masked_spans(tok, s.input_ids, s.loss_mask) == [a + TURN_END[family] for a in assistant]
+        # The ids are the tokenizer's own rendering of the conversation, BOS included once.
+        rendered = tok.apply_chat_template(row["messages"], tokenize=False)
+        assert s.input_ids == tok.encode(rendered, add_special_tokens=False)
+        bos = tok.convert_tokens_to_ids(BOS[family]) if BOS[family] else None
+        assert s.input_ids.count(bos) == (1 if bos is not None else 0) and (bos is None or s.input_ids[0] == bos)
+
+
+@pytest.mark.parametrize("family", list(realdata.FAMILIES))
+def test_prompt_response_rows_mask_the_response_and_one_end_token(families, data, family):
+    """OpenOrca without a chat template: BOS (Llama-3) once, the response and the tokenizer's EOS
+    are the targets; with the template the response is an assistant turn."""
+    from rlhf.config import DataConfig
+    from rlhf.data.sft import tokenize_sft
+
+    tok = load_tok(families[family])
+    rows = rows_of(data["openorca"])
+    plain = tokenize_sft(rows, tok, DataConfig(input_key="question", output_key="response", max_len=1024))
+    chat = tokenize_sft(rows, tok, DataConfig(input_key="question", output_key="response", apply_chat_template=True, max_len=1024))
+    for row, p, c in zip(rows, plain, chat):
+        assert masked_spans(tok, p.input_ids, p.loss_mask) == [row["response"] + tok.eos_token]
+        assert masked_spans(tok, c.input_ids, c.loss_mask) == [row["response"] + TURN_END[family]]
+        for s in (p, c):
+            if BOS[family]:
+                assert s.input_ids[0] == tok.bos_token_id and s.input_ids.count(tok.bos_token_id) == 1
+
+
+def test_llama3_like_has_no_pad_token_and_falls_back_to_eos(families):
+    from transformers import AutoTokenizer
+
+    raw = AutoTokenizer.from_pretrained(families["llama3"])
+    assert raw.pad_token is None  # as shipped
+    tok = load_tok(families["llama3"])
+    assert tok.pad_token == tok.eos_token == "<|end_of_text|>" and tok.pad_token_id is not None
+
+
+def test_qwen2_like_embedding_is_padded_past_the_tokenizer(families):
+    from transformers import AutoConfig
+
+    tok = load_tok(families["qwen2"])
+    assert AutoConfig.from_pretrained(families["qwen2"]).vocab_size == len(tok) + 128 and tok.bos_token is None
+
+
+@pytest.mark.parametrize("family", list(realdata.FAMILIES))
+@pytest.mark.parametrize("shape", ["prompt_collection", "gsm8k"])
+def test_rl_prompt_ids_equal_the_tokenizers_generation_prompt(families, data, family, shape):
+    """The ids PPO generates from (and trains on) are exactly
+    ``tokenizer.apply_chat_template(messages, add_generation_prompt=True)``: no second BOS, no
+    lost default system message, nothing re-tokenised differently."""
+    from rlhf.config import PromptDataConfig
+    from rlhf.data.prompts import tokenize_prompts
+
+    tok = load_tok(families[family])
+    key, label = ("context_messages", None) if shape == "prompt_collection" else ("question", "answer")
+    rows = rows_of(data[shape])
+    prompts = tokenize_prompts(rows, tok, PromptDataConfig(input_key=key, label_key=label, apply_chat_template=True))
+    for row, p in zip(rows, prompts):
+        messages = row[key] if isinstance(row[key], list) else [{"role": "user", "content": row[key]}]
+        expected = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        expected = expected["input_ids"] if hasattr(expected, "keys") else expected
+        assert p.ids == list(expected)
+        assert p.text == tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        assert p.label == (row["answer"] if label else None)
+
+
+def test_prompt_config_tokenizer_chat_template_override(families):
+    """--tokenizer_chat_template reaches RL prompts (issue 12 item 1: the field was missing)."""
+    from rlhf.config import PromptDataConfig
+    from rlhf.data.prompts import tokenize_prompts
+
+    tok = load_tok(families["qwen2"])
+    cfg = PromptDataConfig(input_key="q", label_key=None, apply_chat_template=True)
+    [default] = tokenize_prompts([{"q": "hi"}], tok, cfg)
+    assert default.text.startswith("<|im_start|>system\nYou are a helpful assistant.")
+    [custom] = tokenize_prompts([{"q": "hi"}], tok, dataclasses.replace(cfg, tokenizer_chat_template="Q: {{ messages[0]['content'] }}\nA:"))
+    assert custom.text == "Q: hi\nA:"
+
+
+@pytest.mark.parametrize("family", list(realdata.FAMILIES))
+def test_preference_shapes_tokenise(families, data, family):
+    """HH-RLHF whole dialogues (no template), UltraFeedback message lists and KTO-mix message
+    lists (templated): the response masks hold exactly the differing answers."""
+    from rlhf.config import PreferenceDataConfig
+    from rlhf.data.preference import tokenize_pairs, tokenize_unpaired
+
+    tok = load_tok(families[family])
+    hh_rows = rows_of(data["hh_rlhf"])
+    hh = tokenize_pairs(hh_rows, tok, PreferenceDataConfig(prompt_key=None, max_len=1024))
+    for row, pair in zip(hh_rows, hh):
+        chosen = masked_spans(tok, pair.chosen.input_ids, pair.chosen.loss_mask)
+        assert len(chosen) == 1 and row["chosen"].endswith(chosen[0].removesuffix(tok.eos_token)), chosen
+    uf_rows = rows_of(data["ultrafeedback"])
+    uf = tokenize_pairs(uf_rows, tok, PreferenceDataConfig(prompt_key=None, apply_chat_template=True, max_len=1024))
+    for row, pair in zip(uf_rows, uf):
+        for side, sample in (("chosen", pair.chosen), ("rejected", pair.rejected)):
+            assert masked_spans(tok, sample.input_ids, sample.loss_mask) == [row[side][-1]["content"] + TURN_END[family]]
+    kto_rows = rows_of(data["kto_mix"])
+    kto = tokenize_unpaired(kto_rows, tok, PreferenceDataConfig(input_key="prompt", output_key="completion", apply_chat_template=True, max_len=1024))
+    for row, ex in zip(kto_rows, kto):
+        assert ex.desirable == row["label"]
+        assert masked_spans(tok, ex.sample.input_ids, ex.sample.loss_mask) == [row["completion"][0]["content"] + TURN_END[family]]
