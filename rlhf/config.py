@@ -471,7 +471,7 @@ class PPOAlgoConfig:
     reward_pretrain: Optional[str] = None
     """Comma-separated reward models (folders saved by rlhf.rm, or any HF sequence classifier with 1 label)."""
     remote_rm_url: Optional[str] = None
-    """HTTP endpoint scoring responses: POST {prompts, responses, labels, queries} -> {"rewards": [...]}."""
+    """HTTP endpoint scoring responses: POST {prompts, responses, labels, queries} -> {"rewards": [...]}; or, as in OpenRLHF, a .py file defining reward_func(queries, prompts, labels)."""
     remote_rm_timeout: float = 30.0
     """Seconds to wait for one --remote_rm_url call."""
     remote_rm_retries: int = 3

@@ -24,6 +24,19 @@ class UserError(Exception):
     """Bad input the user can fix; the message is the whole explanation (one line)."""
 
 
+def describe_value(value: object) -> str:
+    """How a message names a value of the wrong type: its type as a data file spells it, and the
+    value itself when it is short. ``None`` -> ``null``, ``3`` -> ``int 3``, ``"1.0"`` ->
+    ``str '1.0'``, a list -> ``list``."""
+    if value is None:
+        return "null"
+    name = type(value).__name__
+    if isinstance(value, (bool, int, float, str)):
+        shown = repr(value)
+        return f"{name} {shown}" if len(shown) <= 40 else f"{name} {shown[:37]}..."
+    return name
+
+
 def exit_on_user_error(main: Callable[..., T]) -> Callable[..., T]:
     """Wrap an entry point: a ``UserError`` prints ``error: <message>`` once and exits 2.
 

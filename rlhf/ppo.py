@@ -51,7 +51,7 @@ from rlhf.io.checkpoint import export_hf, latest_checkpoint, load_checkpoint, sa
 from rlhf.io.preemption import PreemptionWatch
 from rlhf.metrics import MetricsLogger, metric_series, plot_metrics, read_metrics
 from rlhf.models.loading import load_causal_lm, load_reward_model, load_tokenizer, resolve_model_path
-from rlhf.rewards import RemoteReward, RewardFunction, combine, normalise_score, parse_weights
+from rlhf.rewards import RewardFunction, combine, normalise_score, parse_weights, remote_reward
 from rlhf.rollout.hf import HFGenerator
 from rlhf.rollout.sync import WeightBroadcast
 from rlhf.rollout.vllm_engine import VLLMGenerator, engine_tp_group
@@ -550,7 +550,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         critic_train = dataclasses.replace(cfg.train, learning_rate=algo.critic_learning_rate or cfg.train.learning_rate)
         critic = TrainEngine(load_reward_model(critic_cfg, pad_token_id=tokenizer.pad_token_id), critic_train, bf16=cfg.model.bf16, total_steps=updates, dp_size=topology.dp_size("critic"), mpu=mpu)
     reward_fn = RewardFunction(algo.reward_func) if algo.reward_func else None
-    remote = RemoteReward(algo.remote_rm_url, algo.remote_rm_timeout, algo.remote_rm_retries) if algo.remote_rm_url else None
+    remote = remote_reward(algo.remote_rm_url, algo.remote_rm_timeout, algo.remote_rm_retries) if algo.remote_rm_url else None
     kl_ctl = ppo_math.AdaptiveKLController(algo.init_kl_coef, algo.kl_target, algo.kl_horizon) if algo.kl_target else ppo_math.FixedKLController(algo.init_kl_coef)
     generator = weight_sync = None
     if "rollout" in mine:  # a plain copy of the policy, refreshed from the actor before each generation

@@ -8,7 +8,9 @@ engine; with ``--normalize_reward`` its score is standardised with the mean/std 
 A remote reward service (``--remote_rm_url``) receives a JSON POST
 ``{"prompts": [...], "responses": [...], "labels": [...], "queries": [prompt + response, ...]}``
 and answers ``{"rewards": [...]}`` (or a bare list); a call that still fails after the bounded
-retries stops the job: a reward is never silently zero.
+retries stops the job: a reward is never silently zero. ``--remote_rm_url path/reward.py`` is
+OpenRLHF's other form: a file defining ``reward_func(queries, prompts, labels)`` (a query is
+prompt + response), called in this process. Rewards must be numbers: strings are refused.
 The combined sequence reward is ``sum_k w_k * r_k`` (reward models first, then the remote
 service, then the function).
 """
@@ -25,7 +27,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 
 from rlhf.data.sft import load_user_function
-from rlhf.errors import UserError
+from rlhf.errors import UserError, describe_value
 
 
 def exact_match(prompts: Sequence[str], responses: Sequence[str], labels: Sequence[Any]) -> list[float]:
@@ -34,27 +36,53 @@ def exact_match(prompts: Sequence[str], responses: Sequence[str], labels: Sequen
 
 
 class RewardFunction:
-    """A user's batched reward function, with its output checked on every call."""
+    """A user's batched reward function, with its output checked on every call.
 
-    def __init__(self, spec: str):
-        self.spec = spec
-        self.fn: Callable = load_user_function(spec, "--reward_func")
+    ``--reward_func`` names ``fn(prompts, responses, labels)``. A Python file given to
+    ``--remote_rm_url`` (OpenRLHF's form, ``queries_first``) defines
+    ``reward_func(queries, prompts, labels)``, where a query is the prompt followed by the
+    response. Either may return the rewards or OpenRLHF's ``{"rewards": ..., ...}``.
+    """
+
+    def __init__(self, spec: str, flag: str = "--reward_func", queries_first: bool = False):
+        self.who = f"{flag} {spec}"
+        self.queries_first = queries_first
+        self.fn: Callable = load_user_function(f"{spec}:reward_func" if queries_first else spec, flag)
 
     def __call__(self, prompts: list[str], responses: list[str], labels: list[Any]) -> torch.Tensor:
         """-> [B] float32 rewards."""
+        args = ([p + r for p, r in zip(prompts, responses)], prompts, labels) if self.queries_first else (prompts, responses, labels)
         try:
-            values = self.fn(prompts, responses, labels)
+            values = self.fn(*args)
         except Exception as err:  # noqa: BLE001 - the user's code: report it as their error, in one line
-            raise UserError(f"--reward_func {self.spec} raised {type(err).__name__}: {' '.join(str(err).split())[:300]}") from None
-        return _check_rewards(values, len(responses), f"--reward_func {self.spec}")
+            raise UserError(f"{self.who} raised {type(err).__name__}: {' '.join(str(err).split())[:300]}") from None
+        if isinstance(values, dict):
+            if "rewards" not in values:
+                raise UserError(f"{self.who} returned a dict without 'rewards' (keys: {', '.join(map(str, values))})")
+            values = values["rewards"]
+        return _check_rewards(values, len(responses), self.who)
 
 
 def _check_rewards(values: Any, n: int, who: str) -> torch.Tensor:
-    """A reward source's answer as [n] float32, or a UserError naming the source."""
+    """A reward source's answer as [n] float32, or a UserError naming the source.
+
+    Strings are refused even when they look like numbers: "1" from a reward function is a bug
+    (a label or a decoded answer returned by mistake), and float() would hide it.
+    """
     try:
-        values = [float(v) for v in values]
-    except (TypeError, ValueError):
-        raise UserError(f"{who} must return a list of numbers, got {type(values).__name__}") from None
+        items = list(values) if not isinstance(values, (str, bytes, dict)) else None
+    except TypeError:  # not iterable (a number, None, a 0-d tensor)
+        items = None
+    if items is None:
+        raise UserError(f"{who} must return a list of numbers, got {describe_value(values)}")
+    values = []
+    for i, v in enumerate(items):
+        try:
+            if isinstance(v, (str, bytes)):
+                raise TypeError
+            values.append(float(v))
+        except (TypeError, ValueError, RuntimeError):  # RuntimeError: a tensor of several numbers
+            raise UserError(f"{who} must return numbers, got {describe_value(v)} at index {i}") from None
     if len(values) != n:
         raise UserError(f"{who} returned {len(values)} rewards for {n} responses")
     if not all(math.isfinite(v) for v in values):
@@ -85,6 +113,14 @@ class RemoteReward:
             raise UserError(f"--remote_rm_url {self.url}: no answer after {self.retries + 1} tries (last error: {last_error})")
         values = payload.get("rewards") if isinstance(payload, dict) else payload
         return _check_rewards(values, len(responses), f"--remote_rm_url {self.url}")
+
+
+def remote_reward(url: str, timeout: float, retries: int):
+    """The --remote_rm_url source: an HTTP service, or, as OpenRLHF also accepts there, a Python
+    file defining ``reward_func(queries, prompts, labels)``, run in this process."""
+    if url.endswith(".py"):
+        return RewardFunction(url, "--remote_rm_url", queries_first=True)
+    return RemoteReward(url, timeout, retries)
 
 
 def parse_weights(weights: Optional[str], n_sources: int) -> list[float]:

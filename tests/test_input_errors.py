@@ -16,6 +16,7 @@ import pytest
 
 from rlhf.config import GenerateConfig, PPOConfig, parse_config
 from rlhf.errors import UserError
+from rlhf.rewards import remote_reward
 
 
 @dataclass
@@ -29,6 +30,13 @@ def ppo(*flags: str) -> PPOConfig:
     return parse_config(PPOConfig, ["--reward_func", "rlhf.rewards:exact_match", *flags])
 
 
+def reward_file(tmp, body: str):
+    """Score one response with an OpenRLHF-style reward file whose reward_func returns ``body``."""
+    path = tmp / "reward.py"
+    path.write_text(f"def reward_func(queries, prompts, labels):\n    return {body}\n")
+    return remote_reward(str(path), 1.0, 0)(["2+2="], ["4"], ["4"])
+
+
 CASES = [
     # item 2: an eval set is chosen once
     Case("ppo eval holdout out of range", lambda tmp: ppo("--eval_holdout_ratio", "1.5"), ("--eval_holdout_ratio must be in [0, 1), got 1.5",)),
@@ -40,6 +48,14 @@ CASES = [
         lambda tmp: parse_config(GenerateConfig, ["--eval_task", "rm", "--output_key", "output", "--reward_func", "rlhf.rewards:exact_match", "--normalize_reward"]),
         ("--normalize_reward", "no --reward_pretrain"),
     ),
+    # items 5, 8, 9: a reward source must return numbers, and the message names what came back
+    Case("reward file returns strings", lambda tmp: reward_file(tmp, "['1.0']"), ("--remote_rm_url", "reward.py must return numbers, got str '1.0' at index 0",)),
+    Case("reward file returns None items", lambda tmp: reward_file(tmp, "[None]"), ("must return numbers, got null at index 0",)),
+    Case("reward file returns a number", lambda tmp: reward_file(tmp, "1"), ("must return a list of numbers, got int 1",)),
+    Case("reward file returns a dict without rewards", lambda tmp: reward_file(tmp, "{'score': [1]}"), ("returned a dict without 'rewards' (keys: score)",)),
+    Case("reward file raises", lambda tmp: reward_file(tmp, "1 / 0"), ("reward.py raised ZeroDivisionError: division by zero",)),
+    Case("reward file missing", lambda tmp: remote_reward(str(tmp / "nope.py"), 1.0, 0), ("--remote_rm_url", "no such file", "nope.py")),
+    Case("reward file without reward_func", lambda tmp: (tmp / "r.py").write_text("x = 1\n") and remote_reward(str(tmp / "r.py"), 1.0, 0), ("has no function 'reward_func'",)),
 ]
 
 

@@ -48,3 +48,26 @@ def test_plain_split_file_names_still_work(tmp_path):
     write_jsonl(other / "eval_data.jsonl", [{"t": "e"}])
     assert texts(load_rows(str(other), "train")) == ["d"]
     assert texts(load_rows(str(other), "train_data")) == ["d"]
+
+
+OPENRLHF_REWARD_FILE = '''
+import torch
+
+def reward_func(queries, prompts, labels):
+    # OpenRLHF's convention: a query is the prompt followed by the response
+    return torch.tensor([float(q == p + str(y)) for q, p, y in zip(queries, prompts, labels)])
+'''
+
+
+def test_remote_rm_url_takes_an_openrlhf_reward_file(tmp_path):
+    from rlhf.rewards import RemoteReward, remote_reward
+
+    path = tmp_path / "reward.py"
+    path.write_text(OPENRLHF_REWARD_FILE)
+    source = remote_reward(str(path), timeout=1.0, retries=0)
+    rewards = source(["1+1=", "2+2="], ["2", "5"], [2, 4])
+    assert rewards.tolist() == [1.0, 0.0]
+    # OpenRLHF's newer files return a dict; its "rewards" are the rewards.
+    path.write_text("def reward_func(queries, prompts, labels):\n    return {'rewards': [0.5] * len(queries), 'scores': [1] * len(queries)}\n")
+    assert remote_reward(str(path), 1.0, 0)(["p"], ["r"], [None]).tolist() == [0.5]
+    assert isinstance(remote_reward("http://localhost:5000/get_reward", 1.0, 0), RemoteReward)
