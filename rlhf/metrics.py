@@ -51,13 +51,16 @@ class MetricsLogger:
     drives a tqdm bar. With ``enabled=False`` (ranks other than 0) every method does nothing.
 
     Args:
-        path: metrics jsonl file; appended to, so a resumed run continues the same file.
+        path: metrics jsonl file. A fresh run starts it anew (an old run's file in the same
+            --save_path would otherwise mix two runs in the printed curve and the plot); a
+            resumed run (``resumed``) appends, continuing the same file.
         cfg: the ``--logging_*`` / ``--use_wandb`` / ``--wandb_*`` options.
         run_config: the full run configuration (e.g. ``dataclasses.asdict(cfg)``), recorded as
             the wandb run config.
         trainer: trainer name (``"sft"``, ``"dpo"`` ...): bar label and default wandb run name.
         total_steps: optimizer steps of the whole run, the bar's total.
         enabled: false on every rank but 0.
+        resumed: the run continues from a checkpoint: append instead of starting the file anew.
     """
 
     def __init__(
@@ -68,6 +71,7 @@ class MetricsLogger:
         trainer: str,
         total_steps: int,
         enabled: bool = True,
+        resumed: bool = False,
     ) -> None:
         self.path = path
         self.enabled = enabled
@@ -80,10 +84,11 @@ class MetricsLogger:
         file.parent.mkdir(parents=True, exist_ok=True)
         if cfg.use_wandb:  # first: if it fails, nothing else has been opened
             self._wandb_run = _start_wandb(cfg, dict(run_config), trainer, str(file.parent))
-        _drop_torn_tail(file)
+        if resumed:
+            _drop_torn_tail(file)
         # Line-buffered text: each record reaches the OS as one write as soon as it is logged,
         # so a crash loses at most the line being written and `tail -f` shows progress live.
-        self._file = open(file, "a", encoding="utf-8", buffering=1)
+        self._file = open(file, "a" if resumed else "w", encoding="utf-8", buffering=1)
         from tqdm.auto import tqdm
 
         self._bar = tqdm(total=total_steps, desc=trainer, unit="step", dynamic_ncols=True)

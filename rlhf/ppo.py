@@ -591,7 +591,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
 
     # 5. Loop.
     metrics_path = cfg.log.metrics_path or os.path.join(cfg.ckpt.save_path, "metrics.jsonl")
-    logger = MetricsLogger(metrics_path, cfg.log, dataclasses.asdict(cfg), "ppo", total_steps, enabled=launch.is_rank0)
+    logger = MetricsLogger(metrics_path, cfg.log, dataclasses.asdict(cfg), "ppo", total_steps, enabled=launch.is_rank0, resumed=start_step > 0)
     if start_step:
         logger.log(start_step, {"resumed_from_step": start_step})
     elif eval_prompts:

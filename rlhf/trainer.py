@@ -82,7 +82,7 @@ def run(loop: Loop, engine: TrainEngine, total_steps: int, per_epoch: int, check
             print(f"checkpoint {folder} is at step {start_step}, already at the end of training ({total_steps} steps): exporting only", flush=True)
 
     metrics_path = cfg.log.metrics_path or os.path.join(cfg.ckpt.save_path, "metrics.jsonl")
-    logger = MetricsLogger(metrics_path, cfg.log, dataclasses.asdict(cfg), loop.name, total_steps, enabled=loop.launch.is_rank0)
+    logger = MetricsLogger(metrics_path, cfg.log, dataclasses.asdict(cfg), loop.name, total_steps, enabled=loop.launch.is_rank0, resumed=start_step > 0)
     if start_step:
         logger.log(start_step, {"resumed_from_step": start_step})
     plan, plan_of_epoch = None, -1

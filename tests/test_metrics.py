@@ -60,9 +60,18 @@ def test_disabled_logger_writes_nothing(tmp_path):
 def test_resume_appends_and_drops_a_torn_line(tmp_path):
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"step": 1, "loss": 3.0, "time": 1.0}\n{"step": 2, "lo')  # killed mid-write
-    with MetricsLogger(str(path), LoggingConfig(), {}, "sft", total_steps=3) as logger:
+    with MetricsLogger(str(path), LoggingConfig(), {}, "sft", total_steps=3, resumed=True) as logger:
         logger.log(2, {"loss": 2.0})
     assert [(r["step"], r["loss"]) for r in read_metrics(str(path))] == [(1, 3.0), (2, 2.0)]
+
+
+def test_fresh_run_starts_the_file_anew(tmp_path):
+    """An old run's records in the same --save_path must not mix into a new run's curve."""
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "eval_reward": 0.9, "time": 1.0}\n{"step": 2, "eval_reward": 0.95, "time": 2.0}\n')
+    with MetricsLogger(str(path), LoggingConfig(), {}, "ppo", total_steps=1) as logger:
+        logger.log(1, {"eval_reward": 0.1})
+    assert [(r["step"], r["eval_reward"]) for r in read_metrics(str(path))] == [(1, 0.1)]
 
 
 def test_read_metrics_names_a_bad_line(tmp_path):
