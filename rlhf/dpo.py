@@ -113,7 +113,7 @@ def load_reference(cfg: DPOConfig, engine: TrainEngine, dp: int) -> tuple[Forwar
     ref_cfg = dataclasses.replace(
         cfg.model, pretrain=cfg.ref_pretrain or cfg.model.pretrain, lora_rank=0, load_in_4bit=False, gradient_checkpointing=False, aux_loss_coef=0.0
     )
-    model = load_causal_lm(ref_cfg)
+    model = load_causal_lm(ref_cfg, flag="--ref_pretrain" if cfg.ref_pretrain else "--pretrain")
     params = sum(p.numel() for p in model.parameters())
     ref = FrozenEngine(model, cfg.train, bf16=cfg.model.bf16, dp_size=dp)
     return ref.forward, ref, params

@@ -46,7 +46,7 @@ class ResponseScorer:
         self.tokenizer, self.micro, self.normalize = tokenizer, task.micro_batch_size, task.normalize_reward
         paths = task.reward_pretrain.split(",") if task.reward_pretrain else []
         frozen = dataclasses.replace(cfg.model, lora_rank=0, load_in_4bit=False, gradient_checkpointing=False)
-        self.models = [load_reward_model(dataclasses.replace(frozen, pretrain=p), pad_token_id=tokenizer.pad_token_id).to(device()).eval() for p in paths]
+        self.models = [load_reward_model(dataclasses.replace(frozen, pretrain=p), pad_token_id=tokenizer.pad_token_id, flag="--reward_pretrain").to(device()).eval() for p in paths]
         self.fn = RewardFunction(task.reward_func) if task.reward_func else None
         self.weights = parse_weights(task.reward_weights, len(self.models) + (self.fn is not None))
 

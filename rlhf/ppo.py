@@ -544,11 +544,12 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     if "reference" in mine:
         reference = FrozenEngine(load_causal_lm(frozen_model_cfg(cfg, cfg.model.pretrain)), cfg.train, bf16=cfg.model.bf16, dp_size=topology.dp_size("reference"), mpu=mpu, offload=placement.ref_reward_offload)
     if "reward" in mine:
-        reward_models = [FrozenEngine(load_reward_model(frozen_model_cfg(cfg, p), pad_token_id=tokenizer.pad_token_id), cfg.train, bf16=cfg.model.bf16, dp_size=topology.dp_size("reward"), mpu=mpu, offload=placement.ref_reward_offload) for p in reward_paths]
+        reward_models = [FrozenEngine(load_reward_model(frozen_model_cfg(cfg, p), pad_token_id=tokenizer.pad_token_id, flag="--reward_pretrain"), cfg.train, bf16=cfg.model.bf16, dp_size=topology.dp_size("reward"), mpu=mpu, offload=placement.ref_reward_offload) for p in reward_paths]
     if "critic" in mine:
         critic_cfg = dataclasses.replace(cfg.model, pretrain=algo.critic_pretrain or (reward_paths[0] if reward_paths else cfg.model.pretrain))
+        critic_flag = "--critic_pretrain" if algo.critic_pretrain else "--reward_pretrain" if reward_paths else "--pretrain"
         critic_train = dataclasses.replace(cfg.train, learning_rate=algo.critic_learning_rate or cfg.train.learning_rate)
-        critic = TrainEngine(load_reward_model(critic_cfg, pad_token_id=tokenizer.pad_token_id), critic_train, bf16=cfg.model.bf16, total_steps=updates, dp_size=topology.dp_size("critic"), mpu=mpu)
+        critic = TrainEngine(load_reward_model(critic_cfg, pad_token_id=tokenizer.pad_token_id, flag=critic_flag), critic_train, bf16=cfg.model.bf16, total_steps=updates, dp_size=topology.dp_size("critic"), mpu=mpu)
     reward_fn = RewardFunction(algo.reward_func) if algo.reward_func else None
     remote = remote_reward(algo.remote_rm_url, algo.remote_rm_timeout, algo.remote_rm_retries) if algo.remote_rm_url else None
     kl_ctl = ppo_math.AdaptiveKLController(algo.init_kl_coef, algo.kl_target, algo.kl_horizon) if algo.kl_target else ppo_math.FixedKLController(algo.init_kl_coef)

@@ -14,7 +14,8 @@ from typing import Any, Callable
 
 import pytest
 
-from rlhf.config import GenerateConfig, PPOConfig, parse_config
+from rlhf.config import GenerateConfig, ModelConfig, PPOConfig, parse_config
+from rlhf.data.sources import ASSETS_DIR
 from rlhf.errors import UserError
 from rlhf.rewards import remote_reward
 
@@ -37,6 +38,24 @@ def reward_file(tmp, body: str):
     return remote_reward(str(path), 1.0, 0)(["2+2="], ["4"], ["4"])
 
 
+def corrupt_model(tmp) -> str:
+    """A copy of the embedded model whose weights file was cut short (an interrupted download)."""
+    import shutil
+
+    folder = tmp / "rm_broken"
+    shutil.copytree(ASSETS_DIR / "tiny-qwen2", folder)
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    return str(folder)
+
+
+def load_model(kind: str, pretrain: str, flag: str):
+    from rlhf.models.loading import load_causal_lm, load_reward_model
+
+    cfg = ModelConfig(pretrain=pretrain)
+    return load_reward_model(cfg, pad_token_id=0, flag=flag) if kind == "reward" else load_causal_lm(cfg, flag=flag)
+
+
 CASES = [
     # item 2: an eval set is chosen once
     Case("ppo eval holdout out of range", lambda tmp: ppo("--eval_holdout_ratio", "1.5"), ("--eval_holdout_ratio must be in [0, 1), got 1.5",)),
@@ -55,6 +74,10 @@ CASES = [
     Case("reward file returns a dict without rewards", lambda tmp: reward_file(tmp, "{'score': [1]}"), ("returned a dict without 'rewards' (keys: score)",)),
     Case("reward file raises", lambda tmp: reward_file(tmp, "1 / 0"), ("reward.py raised ZeroDivisionError: division by zero",)),
     Case("reward file missing", lambda tmp: remote_reward(str(tmp / "nope.py"), 1.0, 0), ("--remote_rm_url", "no such file", "nope.py")),
+    # item 7: a bad model folder is named with the flag that named it
+    Case("corrupt safetensors", lambda tmp: load_model("reward", corrupt_model(tmp), "--reward_pretrain"), ("--reward_pretrain", "rm_broken: the model's weights are not a readable safetensors file", "download or export the model again")),
+    Case("missing reference folder", lambda tmp: load_model("causal", str(tmp / "no_ref"), "--ref_pretrain"), ("--ref_pretrain", "no_ref: no such model folder")),
+    Case("critic folder without config", lambda tmp: load_model("reward", str(tmp), "--critic_pretrain"), ("--critic_pretrain", "folder has no config.json")),
     Case("reward file without reward_func", lambda tmp: (tmp / "r.py").write_text("x = 1\n") and remote_reward(str(tmp / "r.py"), 1.0, 0), ("has no function 'reward_func'",)),
 ]
 

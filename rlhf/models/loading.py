@@ -19,20 +19,24 @@ from rlhf.config import ModelConfig
 from rlhf.errors import UserError
 
 
-def resolve_model_path(pretrain: str) -> str:
-    """embedded:/s3:// -> local folder; a local-looking path must exist; else a hub id."""
+def resolve_model_path(pretrain: str, flag: str = "--pretrain") -> str:
+    """embedded:/s3:// -> local folder; a local-looking path must exist; else a hub id.
+
+    ``flag`` is the option that named the model (``--reward_pretrain``, ``--ref_pretrain`` ...):
+    errors name it, since a job loads several models and the user must know which one is bad.
+    """
     from rlhf.data.sources import resolve_uri
 
     path = resolve_uri(pretrain)
     if os.path.isdir(path):
         if not os.path.isfile(os.path.join(path, "config.json")):
-            raise UserError(f"--pretrain {pretrain}: folder has no config.json, so it is not a Hugging Face model folder")
+            raise UserError(f"{flag} {pretrain}: folder has no config.json, so it is not a Hugging Face model folder")
         return path
     if os.path.exists(path):
-        raise UserError(f"--pretrain {pretrain}: is a file; expected a Hugging Face model folder or hub id")
+        raise UserError(f"{flag} {pretrain}: is a file; expected a Hugging Face model folder or hub id")
     # A hub id is 'name' or 'org/name'; anything path-like that does not exist is a typo.
     if path.startswith(("/", "./", "../", "~")) or path.count("/") > 1:
-        raise UserError(f"--pretrain {pretrain}: no such model folder")
+        raise UserError(f"{flag} {pretrain}: no such model folder")
     return path  # a hub id; loading reports if it cannot be fetched
 
 
@@ -63,30 +67,33 @@ def load_tokenizer(cfg: ModelConfig, padding_side: str = "right") -> PreTrainedT
     return tokenizer
 
 
-def load_reward_model(cfg: ModelConfig, pad_token_id: int) -> PreTrainedModel:
+def load_reward_model(cfg: ModelConfig, pad_token_id: int, flag: str = "--pretrain") -> PreTrainedModel:
     """A scalar-head model (reward model or critic): transformers' sequence classifier, 1 label.
 
     Using ``AutoModelForSequenceClassification`` itself means the saved model loads and scores
     the same in transformers, TRL or vLLM's reward serving: the score is the head applied to the
-    last non-pad token. A causal-LM checkpoint gets a freshly initialised head.
+    last non-pad token. A causal-LM checkpoint gets a freshly initialised head. ``flag``: the
+    option naming ``cfg.pretrain``, for error messages.
     """
     from transformers import AutoModelForSequenceClassification
 
-    return _load(cfg, AutoModelForSequenceClassification, lora_task="SEQ_CLS", num_labels=1, pad_token_id=pad_token_id)
+    return _load(cfg, AutoModelForSequenceClassification, lora_task="SEQ_CLS", flag=flag, num_labels=1, pad_token_id=pad_token_id)
 
 
-def load_causal_lm(cfg: ModelConfig, *, zero3_config: Optional[dict] = None) -> PreTrainedModel:
+def load_causal_lm(cfg: ModelConfig, *, zero3_config: Optional[dict] = None, flag: str = "--pretrain") -> PreTrainedModel:
     """The model to train (or to freeze): HF weights, then 4-bit, LoRA, checkpointing as asked.
 
     ``zero3_config``: a DeepSpeed ZeRO-3 config; when given, weights are partitioned while
     loading (transformers' HfDeepSpeedConfig hook), so a model larger than one rank's memory
-    loads at all.
+    loads at all. ``flag``: the option naming ``cfg.pretrain``, for error messages.
     """
-    return _load(cfg, AutoModelForCausalLM, lora_task="CAUSAL_LM", zero3_config=zero3_config)
+    return _load(cfg, AutoModelForCausalLM, lora_task="CAUSAL_LM", flag=flag, zero3_config=zero3_config)
 
 
-def _load(cfg: ModelConfig, auto_class: Any, *, lora_task: str, zero3_config: Optional[dict] = None, **model_kwargs: Any) -> PreTrainedModel:
-    path = resolve_model_path(cfg.pretrain)
+def _load(cfg: ModelConfig, auto_class: Any, *, lora_task: str, flag: str, zero3_config: Optional[dict] = None, **model_kwargs: Any) -> PreTrainedModel:
+    from safetensors import SafetensorError
+
+    path = resolve_model_path(cfg.pretrain, flag)
     kwargs: dict[str, Any] = dict(
         **model_kwargs,
         dtype=model_dtype(cfg),
@@ -104,8 +111,11 @@ def _load(cfg: ModelConfig, auto_class: Any, *, lora_task: str, zero3_config: Op
         keep_alive = HfDeepSpeedConfig(zero3_config)  # noqa: F841  (must live during from_pretrained)
     try:
         model = auto_class.from_pretrained(path, **kwargs)
+    except SafetensorError as err:  # truncated download, disk full while saving, not a safetensors file
+        folder = "" if path == cfg.pretrain else f" (in {path})"  # embedded: / s3:// resolve to a local folder
+        raise UserError(f"{flag} {cfg.pretrain}: the model's weights{folder} are not a readable safetensors file ({_one_line(err)}); download or export the model again") from None
     except (OSError, ValueError) as err:
-        raise UserError(f"--pretrain {cfg.pretrain}: cannot load the model ({_one_line(err)})") from None
+        raise UserError(f"{flag} {cfg.pretrain}: cannot load the model ({_one_line(err)})") from None
     del keep_alive
     model.config.use_cache = False  # training never reuses a KV cache; generation turns it on
 
