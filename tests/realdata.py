@@ -14,7 +14,8 @@ with the ``tokenizers`` library, each saved with a tiny random model as an ordin
 * chat SFT: ``{messages}`` with system turns and several user/assistant turns;
 * KTO-mix: ``{prompt: [user msg], completion: [assistant msg], label: bool}``;
 * OpenRLHF prompt-collection: ``{dataset, context, context_messages, id}``;
-* GSM8K: ``{question, answer}`` with answers ending in ``#### N``, and a verifiable reward file.
+* GSM8K: ``{question, answer}`` with answers ending in ``#### N``, and a verifiable reward file;
+  the same problems as chat prompts in the prompt-collection layout, with the answer as label.
 
 The tokenizer families differ where real ones trip trainers up:
 
@@ -157,6 +158,17 @@ def gsm8k_rows(n: int = 8) -> list[dict]:
     return rows
 
 
+def gsm8k_messages_rows(n: int = 8) -> list[dict]:
+    """GSM8K as chat prompts with their reference answers: the prompt-collection layout
+    (``context_messages``, a system turn on every other row) plus GSM8K's ``answer``."""
+    rows = []
+    for i, row in enumerate(gsm8k_rows(n)):
+        user = {"content": row["question"], "role": "user"}
+        messages = [{"content": "Solve the problem. Antworte kurz.", "role": "system"}, user] if i % 2 else [user]
+        rows.append({"dataset": "gsm8k", "context_messages": messages, "answer": row["answer"], "id": i})
+    return rows
+
+
 # A verifiable GSM8K reward: the last number in the response against the number after '####' in
 # the label. It also appends every call's inputs to $RLHF_REWARD_LOG (when set), so tests can
 # check exactly what the trainer handed it.
@@ -177,6 +189,9 @@ def reward(prompts, responses, labels):
             f.write(json.dumps({"prompts": prompts, "responses": responses, "labels": labels}, ensure_ascii=False) + "\\n")
     rewards = []
     for response, label in zip(responses, labels):
+        if label is None:  # prompts without a reference answer (prompt-collection)
+            rewards.append(0.0)
+            continue
         want = label.split("####")[-1].strip()
         rewards.append(1.0 if final_number(response) == want else 0.0)
     return rewards
@@ -217,6 +232,7 @@ def write_datasets(root: Path) -> dict[str, Path]:
         "kto_mix": write_jsonl(root / "kto_mix.jsonl", kto_mix_rows()),
         "prompt_collection": write_jsonl(root / "prompt_collection.jsonl", prompt_collection_rows()),
         "gsm8k": write_jsonl(root / "gsm8k.jsonl", gsm8k_rows()),
+        "gsm8k_messages": write_jsonl(root / "gsm8k_messages.jsonl", gsm8k_messages_rows()),
     }
     reward = root / "gsm8k_reward.py"
     reward.write_text(GSM8K_REWARD, encoding="utf-8")
@@ -352,3 +368,34 @@ FAMILIES = {"qwen2": build_qwen2_like, "llama3": build_llama3_like}
 def build_family(name: str, out: Path) -> Path:
     return FAMILIES[name](out)
 
+
+
+def teach_chat(folder: Path, steps: int = 80, seed: int = 0) -> Path:
+    """Train the tiny model in ``folder`` (in place) on its own template's renderings of the
+    fixture chats, so it answers in the chat format and, above all, ends its turns with the
+    template's end token. A random model almost never emits that one token, and RL tests need a
+    policy that does, as users start RL from a chat-tuned model. Plain PyTorch, a few seconds."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    chats = [[{"role": "user", "content": q}, {"role": "assistant", "content": a}] for q, a in QA]
+    for row in gsm8k_rows(16):
+        chats.append([{"role": "user", "content": row["question"]}, {"role": "assistant", "content": "The answer is " + row["answer"].split("#### ")[-1]}])
+    ids = [tok.encode(tok.apply_chat_template(c, tokenize=False), add_special_tokens=False) for c in chats]
+    width = max(len(x) for x in ids)
+    batch = torch.zeros(len(ids), width, dtype=torch.long)
+    mask = torch.zeros(len(ids), width, dtype=torch.long)
+    for i, x in enumerate(ids):
+        batch[i, : len(x)], mask[i, : len(x)] = torch.tensor(x), 1
+    labels = batch.masked_fill(mask == 0, -100)
+    torch.manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(steps):
+        loss = model(input_ids=batch, attention_mask=mask, labels=labels).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.save_pretrained(folder)
+    return folder

