@@ -17,25 +17,28 @@ import threading
 from dataclasses import dataclass
 from typing import Literal, Optional, Sequence
 
-import torch
 import tyro
 
 from rlhf.config import ModelConfig, RolloutConfig, parse_config
-from rlhf.data.sft import encode_rendered
 from rlhf.errors import UserError, exit_on_user_error, run_program
-from rlhf.models.loading import load_causal_lm, load_tokenizer, resolve_model_path
+
+# torch, transformers and vLLM are imported where they are used, so that --help is instant.
 
 
 @dataclass
 class ChatConfig:
     """Chat with a model in the terminal: /reset forgets the conversation, /exit quits."""
 
-    model: tyro.conf.Positional[str]
-    """HF folder or hub name of the model."""
+    model: tyro.conf.Positional[Optional[str]] = None
+    """HF folder or hub name of the model (or give it as --pretrain)."""
+    pretrain: Optional[str] = None
+    """The model, as OpenRLHF's interactive_chat names it (the same as MODEL)."""
     system_prompt: Optional[str] = None
     """System message placed first in every conversation."""
     max_new_tokens: int = 512
     """Longest reply, in tokens."""
+    max_len: int = 4096
+    """Longest conversation (prompt + reply), in tokens (OpenRLHF's --max_len): a reply stops there."""
     temperature: float = 0.0
     """Sampling temperature; 0 is greedy decoding."""
     top_p: float = 1.0
@@ -46,6 +49,13 @@ class ChatConfig:
     """Load the weights in bfloat16."""
 
     def validate(self) -> None:
+        if self.model and self.pretrain and self.model != self.pretrain:
+            raise UserError(f"two models given: MODEL {self.model!r} and --pretrain {self.pretrain!r}; give one")
+        self.model = self.model or self.pretrain
+        if not self.model:
+            raise UserError("give the model: python -m rlhf.chat MODEL (or --pretrain MODEL)")
+        if self.max_len < 2:
+            raise UserError(f"--max_len must be >= 2, got {self.max_len}")
         if self.max_new_tokens < 1 or self.temperature < 0 or not 0 < self.top_p <= 1:
             raise UserError("--max_new_tokens must be >= 1, --temperature >= 0 and --top_p in (0, 1]")
 
@@ -61,6 +71,8 @@ class Conversation:
         self.messages = [{"role": "system", "content": self.system}] if self.system else []
 
     def prompt_ids(self, user_text: str) -> list[int]:
+        from rlhf.data.sft import encode_rendered
+
         self.messages.append({"role": "user", "content": user_text})
         text = self.tokenizer.apply_chat_template(self.messages, tokenize=False, add_generation_prompt=True)
         return encode_rendered(self.tokenizer, text)
@@ -71,13 +83,14 @@ class Conversation:
 
 def stream_hf(model, tokenizer, ids: list[int], cfg: ChatConfig) -> str:
     """Generate with transformers in a thread, printing tokens as they arrive; returns the reply."""
+    import torch
     from transformers import TextIteratorStreamer
 
     streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     sampling = {"do_sample": True, "temperature": cfg.temperature, "top_p": cfg.top_p} if cfg.temperature > 0 else {"do_sample": False}
     inputs = torch.tensor([ids], device=model.device)
     worker = threading.Thread(target=model.generate, kwargs=dict(
-        input_ids=inputs, attention_mask=torch.ones_like(inputs), max_new_tokens=cfg.max_new_tokens, streamer=streamer,
+        input_ids=inputs, attention_mask=torch.ones_like(inputs), max_new_tokens=max(1, min(cfg.max_new_tokens, cfg.max_len - len(ids))), streamer=streamer,
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **sampling,
     ))
     worker.start()
@@ -92,6 +105,10 @@ def stream_hf(model, tokenizer, ids: list[int], cfg: ChatConfig) -> str:
 @exit_on_user_error
 def main(argv: Optional[Sequence[str]] = None) -> None:
     cfg = parse_config(ChatConfig, argv, prog="python -m rlhf.chat")
+    import torch
+
+    from rlhf.models.loading import load_causal_lm, load_tokenizer, resolve_model_path
+
     model_cfg = ModelConfig(pretrain=cfg.model, bf16=cfg.bf16)
     tokenizer = load_tokenizer(model_cfg)
     conversation = Conversation(tokenizer, cfg.system_prompt)
@@ -101,7 +118,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
 
         init_distributed()  # vLLM's external launcher runs inside a (one-rank) process group
         rollout = RolloutConfig(generate_max_len=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p, vllm_kv_cache_mb=256)
-        engine = VLLMGenerator(resolve_model_path(cfg.model), tokenizer, rollout, max_model_len=4096, dtype=torch.bfloat16 if cfg.bf16 else torch.float32, seed=0, tp_group=None)
+        engine = VLLMGenerator(resolve_model_path(cfg.model), tokenizer, rollout, max_model_len=cfg.max_len, dtype=torch.bfloat16 if cfg.bf16 else torch.float32, seed=0, tp_group=None)
     else:
         model = load_causal_lm(model_cfg).eval()
     print("rlhf.chat: /reset forgets the conversation, /exit quits.", flush=True)

@@ -14,6 +14,8 @@ the job at start-up, before any process group or model exists.
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -148,8 +150,8 @@ class TrainConfig:
     """Peak learning rate."""
     lr_warmup_ratio: float = 0.03
     """Fraction of the optimizer steps spent in linear warm-up."""
-    lr_scheduler: Literal["cosine_with_min_lr", "constant_with_warmup", "linear"] = "cosine_with_min_lr"
-    """Schedule after warm-up (cosine decays to 0.1 x the peak)."""
+    lr_scheduler: Literal["cosine_with_min_lr", "constant_with_warmup", "constant", "linear"] = "cosine_with_min_lr"
+    """Schedule after warm-up (cosine decays to 0.1 x the peak; constant ignores --lr_warmup_ratio)."""
     adam_betas: tuple[float, float] = (0.9, 0.95)
     """Adam betas."""
     l2: float = 0.0
@@ -624,6 +626,16 @@ class PlacementConfig:
 
 
 @dataclass
+class PPOTrainConfig(TrainConfig):
+    """Optimisation and DeepSpeed settings; --max_epochs and --eval_steps as OpenRLHF's PPO reads them."""
+
+    max_epochs: int = 1
+    """Passes over each rollout batch (OpenRLHF's --max_epochs for PPO; the same as --ppo_epochs)."""
+    eval_steps: int = -1
+    """Evaluate every N PPO steps (the same as --eval_every); -1 keeps --eval_every."""
+
+
+@dataclass
 class PPOConfig:
     """PPO and its critic-free cousins (GRPO, RLOO, REINFORCE++); roles colocated on every rank or split over rank ranges."""
 
@@ -631,7 +643,7 @@ class PPOConfig:
     data: Annotated[PromptDataConfig, Flat] = field(default_factory=PromptDataConfig)
     rollout: Annotated[RolloutConfig, Flat] = field(default_factory=RolloutConfig)
     algo: Annotated[PPOAlgoConfig, Flat] = field(default_factory=PPOAlgoConfig)
-    train: Annotated[TrainConfig, Flat] = field(default_factory=TrainConfig)
+    train: Annotated[PPOTrainConfig, Flat] = field(default_factory=PPOTrainConfig)
     placement: Annotated[PlacementConfig, Flat] = field(default_factory=PlacementConfig)
     ckpt: Annotated[CheckpointConfig, Flat] = field(default_factory=CheckpointConfig)
     log: Annotated[LoggingConfig, Flat] = field(default_factory=LoggingConfig)
@@ -639,6 +651,13 @@ class PPOConfig:
     def validate(self) -> None:
         validate_sections(self)
         algo = self.algo
+        if self.train.max_epochs != 1:  # OpenRLHF's name for the passes over each rollout batch
+            if algo.ppo_epochs not in (1, self.train.max_epochs):
+                raise UserError(f"--max_epochs {self.train.max_epochs} and --ppo_epochs {algo.ppo_epochs} disagree: both count the passes over each rollout batch; give one")
+            algo.ppo_epochs = self.train.max_epochs
+        self.train.max_epochs = algo.ppo_epochs
+        if self.train.eval_steps > 0:
+            algo.eval_every = self.train.eval_steps
         if self.rollout.temperature <= 0:
             raise UserError(f"--temperature must be > 0 for RL rollouts, got {self.rollout.temperature}")
         if not (algo.reward_func or algo.reward_pretrain or algo.remote_rm_url):
@@ -799,7 +818,9 @@ def load_preset(cls: type[C], path: str) -> C:
     owners = _option_owners(config)
     for key, value in values.items():
         if key not in owners:
-            raise UserError(f"{path}: unknown option {key!r} (see --help for the options)")
+            close = difflib.get_close_matches(str(key), list(owners), n=1, cutoff=0.8)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise UserError(f"{path}: unknown option {key!r}{hint} (see --help for the options)")
         target = config if owners[key] is None else getattr(config, owners[key])
         current = getattr(target, key)
         if isinstance(current, tuple) and isinstance(value, list):
@@ -810,9 +831,122 @@ def load_preset(cls: type[C], path: str) -> C:
     return config
 
 
+# OpenRLHF's flags, read as OpenRLHF means them (issue 12). An OpenRLHF script ports by changing
+# its launcher line: a flag spelled differently here is rewritten to our name before tyro parses
+# the line; a flag whose behaviour is always on here is accepted and dropped; a flag we do not
+# support stops the job with one line naming what to use. `--help` lists all three at its end.
+# Keyed by the config class name; "*" applies to every command.
+
+OPENRLHF_ALIASES: dict[str, dict[str, tuple[str, ...]]] = {
+    "*": {"--wandb": ("--use_wandb",)},
+    "DPOConfig": {"--ipo": ("--loss_type", "ipo")},
+    "GenerateConfig": {"--max_new_tokens": ("--generate_max_len",), "--tp_size": ("--vllm_tensor_parallel_size",), "--greedy_sampling": ("--temperature", "0")},
+    "RejectionSamplingConfig": {"--max_new_tokens": ("--generate_max_len",), "--tp_size": ("--vllm_tensor_parallel_size",)},
+    "ChatConfig": {"--greedy_sampling": ("--temperature", "0")},
+}
+"""OpenRLHF flag -> the tokens it stands for here (the flag's value, if any, follows them)."""
+
+OPENRLHF_ALWAYS_ON: dict[str, dict[str, str]] = {
+    "PPOConfig": {"--actor_init_on_gpu": "models are built on the CPU and moved to their device (ZeRO-3 partitions them as they load); the flag changes nothing"},
+    "KTOConfig": {"--unpaired_preference": "rlhf.kto always reads unpaired rows (--input_key, --output_key, --label_key)"},
+    "GenerateConfig": {"--enable_prefix_caching": "vLLM engines always run with prefix caching"},
+    "RejectionSamplingConfig": {"--enable_prefix_caching": "vLLM engines always run with prefix caching"},
+    "ChatConfig": {"--apply_chat_template": "rlhf.chat always renders the conversation with the tokenizer's chat template"},
+}
+"""OpenRLHF flags (no value) whose behaviour is always on here: accepted and dropped."""
+
+OPENRLHF_REJECTED: dict[str, dict[str, str]] = {
+    "DPOConfig": {
+        "--ring_attn_size": "ring attention (sequence parallelism) is not implemented; fit long sequences with --gradient_checkpointing, --micro_train_batch_size 1 and a smaller --max_len",
+        "--ring_head_stride": "ring attention (sequence parallelism) is not implemented; fit long sequences with --gradient_checkpointing, --micro_train_batch_size 1 and a smaller --max_len",
+    },
+    "KTOConfig": {
+        "--vanilla_loss": "OpenRLHF 0.2's KTO variant on paired data (z0 from the batch's own log-ratios) is not implemented; rlhf.kto trains on unpaired rows {prompt, completion, label} with z0 from mismatched pairs (the KTO paper): write each pair as a desirable and an undesirable row and drop --vanilla_loss",
+    },
+    "PPOConfig": {
+        "--packing_samples": "rlhf.ppo trains on padded micro-batches (packing would only save padding, the updates are the same); drop --packing_samples",
+    },
+}
+"""OpenRLHF flags we do not support: flag -> what to do instead (the error names the flag)."""
+
+
+def _compat_tables(cls: type) -> tuple[dict[str, tuple[str, ...]], dict[str, str], dict[str, str]]:
+    name = cls.__name__
+    aliases = {**OPENRLHF_ALIASES["*"], **OPENRLHF_ALIASES.get(name, {})}
+    return aliases, OPENRLHF_ALWAYS_ON.get(name, {}), OPENRLHF_REJECTED.get(name, {})
+
+
+def translate_openrlhf_flags(cls: type, args: Sequence[str]) -> list[str]:
+    """Rewrite OpenRLHF spellings in ``args`` to ours; raise ``UserError`` on an unsupported flag.
+
+    ``--use_wandb TOKEN`` (OpenRLHF takes the API key there) becomes ``--use_wandb`` with the key
+    in ``WANDB_API_KEY``, as OpenRLHF's ``wandb.login(key=TOKEN)`` would use it.
+    """
+    aliases, always_on, rejected = _compat_tables(cls)
+    out: list[str] = []
+    i = 0
+    while i < len(args):
+        token = args[i]
+        flag, eq, value = token.partition("=")
+        if flag in rejected:
+            raise UserError(f"{flag} is not supported: {rejected[flag]}")
+        if flag in always_on:
+            i += 1
+            continue
+        if flag in aliases:
+            out.extend(aliases[flag])
+            if eq:
+                out.append(value)
+            i += 1
+            continue
+        if flag == "--use_wandb":
+            value = value if eq else (args[i + 1] if i + 1 < len(args) and not args[i + 1].startswith("--") else None)
+            if value is not None and not eq:
+                i += 1
+            if value is not None and value.lower() not in ("true", "1", ""):
+                os.environ.setdefault("WANDB_API_KEY", value)
+            out.append("--use_wandb")
+            i += 1
+            continue
+        out.append(token)
+        i += 1
+    return out
+
+
+def _compat_help(cls: type) -> str:
+    aliases, always_on, rejected = _compat_tables(cls)
+    lines = [f"  {old} = {' '.join(new)}" for old, new in aliases.items()]
+    lines += [f"  {flag}: accepted, always on here ({why})" for flag, why in always_on.items()]
+    lines += [f"  {flag}: not supported ({why})" for flag, why in rejected.items()]
+    return "OpenRLHF flags read here:\n" + "\n".join(lines)
+
+
+def flag_names(cls: type) -> list[str]:
+    """Every ``--flag`` of a config class (sections flattened) and the OpenRLHF spellings it reads."""
+    names: list[str] = []
+    for f in dataclasses.fields(cls):
+        section = f.default_factory() if f.default_factory is not dataclasses.MISSING else None  # type: ignore[misc]
+        if dataclasses.is_dataclass(section):
+            names += [f"--{sub.name}" for sub in dataclasses.fields(section)]
+        elif "Positional" not in str(f.type):
+            names.append(f"--{f.name}")
+    aliases, always_on, _ = _compat_tables(cls)
+    return names + list(aliases) + list(always_on)
+
+
+def answer_help_early(cls: type, prog: str) -> None:
+    """Print ``--help`` and exit before an entry point imports torch, DeepSpeed or vLLM.
+
+    Entry points call this at the top of the module, ahead of their heavy imports, when run as
+    ``__main__``: the help then takes a fraction of a second instead of the 10 s those imports cost.
+    """
+    if any(a in ("-h", "--help") for a in sys.argv[1:]):
+        parse_config(cls, prog=prog)  # tyro prints the help and raises SystemExit(0)
+
+
 def parse_config(cls: type[C], argv: Optional[Sequence[str]] = None, *, prog: Optional[str] = None) -> C:
     """Parse ``[--config FILE] [flags...]`` into a validated ``cls`` instance."""
-    args = list(sys.argv[1:] if argv is None else argv)
+    args = translate_openrlhf_flags(cls, list(sys.argv[1:] if argv is None else argv))
     required = [f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
     default = None if required else cls()  # a config with required fields (a positional MODEL) has no preset base
     if "--config" in args:
@@ -823,16 +957,25 @@ def parse_config(cls: type[C], argv: Optional[Sequence[str]] = None, *, prog: Op
             raise UserError("--config needs a YAML file path")
         default = load_preset(cls, args[i + 1])
         del args[i : i + 2]
-    with tyro_errors.on_parse_error(_raise_one_line):
-        config = tyro.cli(cls, args=args, default=default, use_underscores=True, prog=prog, description=cls.__doc__)
+    description = f"{cls.__doc__}\n\n{_compat_help(cls)}"
+    with tyro_errors.on_parse_error(lambda event: _raise_one_line(event, cls)):
+        config = tyro.cli(cls, args=args, default=default, use_underscores=True, prog=prog, description=description)
     config.validate()
     return config
 
 
-def _raise_one_line(event: tyro_errors.ParseErrorEvent) -> None:
+def _raise_one_line(event: tyro_errors.ParseErrorEvent, cls: type) -> None:
     """tyro prints a multi-line box for a bad flag; we want the project's one-line UserError."""
     if isinstance(event, tyro_errors.UnrecognizedArgs):
-        raise UserError(f"unknown option(s) {' '.join(event.tokens)} (see --help for the options)")
+        known = flag_names(cls)
+        hints = []
+        for token in event.tokens:
+            flag = token.split("=")[0]
+            close = difflib.get_close_matches(flag, known, n=1, cutoff=0.8) if flag.startswith("--") else []
+            if close:
+                hints.append(f"{flag}: did you mean {close[0]}?")
+        hint = f"; {'; '.join(hints)}" if hints else ""
+        raise UserError(f"unknown option(s) {' '.join(event.tokens)}{hint} (see --help for the options)")
     if isinstance(event, tyro_errors.InstantiationFailure):
         flag = f"--{event.argument.field.extern_name}: " if event.argument is not None else ""
         raise UserError(f"{flag}{event.message}")

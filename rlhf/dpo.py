@@ -34,11 +34,15 @@ import dataclasses
 import gc
 from typing import Any, Callable, Optional, Sequence
 
+from rlhf.config import DPOConfig, answer_help_early, parse_config
+
+if __name__ == "__main__":
+    answer_help_early(DPOConfig, "python -m rlhf.dpo")  # before torch and DeepSpeed are imported
+
 import torch
 import torch.distributed as dist
 
 from rlhf.algos.preference import dpo_loss, packed_sequence_logprobs, sequence_logprobs
-from rlhf.config import DPOConfig, parse_config
 from rlhf.data.batching import shard_for_eval
 from rlhf.data.preference import PairSample, collate_pairs, collate_pairs_packed
 from rlhf.dist.env import device, init_distributed

@@ -24,10 +24,14 @@ import os
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from rlhf.config import GenerateConfig, answer_help_early, parse_config
+
+if __name__ == "__main__":
+    answer_help_early(GenerateConfig, "python -m rlhf.generate")  # before torch and DeepSpeed are imported
+
 import torch
 import torch.distributed as dist
 
-from rlhf.config import GenerateConfig, parse_config
 from rlhf.data.prompts import Prompt, load_prompts
 from rlhf.data.sft import Sample, collate_padded, encode_rendered
 from rlhf.dist.env import device, init_distributed

@@ -37,11 +37,15 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
+from rlhf.config import DPOConfig, KTOConfig, answer_help_early, parse_config
+
+if __name__ == "__main__":
+    answer_help_early(KTOConfig, "python -m rlhf.kto")  # before torch and DeepSpeed are imported
+
 import torch
 import torch.distributed as dist
 
 from rlhf.algos.preference import kto_kl_estimate, kto_loss, packed_sequence_logprobs, sequence_logprobs
-from rlhf.config import DPOConfig, KTOConfig, parse_config
 from rlhf.data.batching import shard_for_eval
 from rlhf.data.preference import PairSample, UnpairedSample, kto_mismatched_pairs, tokenize_pairs, tokenize_unpaired
 from rlhf.data.sft import Sample, collate_packed, collate_padded

@@ -30,12 +30,16 @@ import time
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
+from rlhf.config import DataConfig, ModelConfig, PPOConfig, answer_help_early, parse_config
+
+if __name__ == "__main__":
+    answer_help_early(PPOConfig, "python -m rlhf.ppo")  # before torch and DeepSpeed are imported
+
 import torch
 import torch.distributed as dist
 
 from rlhf.algos import ppo as ppo_math
 from rlhf.algos.losses import next_token_logprobs, sft_nll_sum
-from rlhf.config import DataConfig, ModelConfig, PPOConfig, parse_config
 from rlhf.data.prompts import Prompt, load_prompts
 from rlhf.data.sft import Sample, collate_padded, tokenize_sft
 from rlhf.data.sources import holdout_split, load_mixture

@@ -25,9 +25,13 @@ import os
 import random
 from typing import Optional, Sequence
 
+from rlhf.config import RejectionSamplingConfig, answer_help_early, parse_config
+
+if __name__ == "__main__":
+    answer_help_early(RejectionSamplingConfig, "python -m rlhf.rejection_sampling")  # before torch and DeepSpeed are imported
+
 import torch
 
-from rlhf.config import RejectionSamplingConfig, parse_config
 from rlhf.data.batching import plan_epoch, step_micro_batches, steps_in_epoch
 from rlhf.data.prompts import Prompt, load_prompts
 from rlhf.data.sft import Sample

@@ -20,10 +20,14 @@ import json
 import math
 from typing import Optional, Sequence
 
+from rlhf.config import RMConfig, answer_help_early, parse_config
+
+if __name__ == "__main__":
+    answer_help_early(RMConfig, "python -m rlhf.rm")  # before torch and DeepSpeed are imported
+
 import torch
 
 from rlhf.algos.preference import pairwise_logexp_loss, pairwise_sigmoid_loss
-from rlhf.config import RMConfig, parse_config
 from rlhf.data.batching import shard_for_eval
 from rlhf.data.preference import PairSample, collate_pairs, tokenize_pairs
 from rlhf.data.sources import load_train_eval

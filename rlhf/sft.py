@@ -13,10 +13,14 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
+from rlhf.config import SFTConfig, answer_help_early, parse_config
+
+if __name__ == "__main__":
+    answer_help_early(SFTConfig, "python -m rlhf.sft")  # before torch and DeepSpeed are imported
+
 import torch
 
 from rlhf.algos.losses import sft_nll_sum
-from rlhf.config import SFTConfig, parse_config
 from rlhf.data.batching import shard_for_eval
 from rlhf.data.sft import Sample, collate_packed, collate_padded, tokenize_sft
 from rlhf.data.sources import load_train_eval
