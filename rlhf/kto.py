@@ -47,7 +47,7 @@ import torch.distributed as dist
 
 from rlhf.algos.preference import kto_kl_estimate, kto_loss, packed_sequence_logprobs, sequence_logprobs
 from rlhf.data.batching import shard_for_eval
-from rlhf.data.preference import PairSample, UnpairedSample, kto_mismatched_pairs, tokenize_pairs, tokenize_unpaired
+from rlhf.data.preference import PairSample, UnpairedSample, kto_mismatched_pairs, tokenize_pairs, tokenize_unpaired, warn_if_one_label_class
 from rlhf.data.sft import Sample, collate_packed, collate_padded
 from rlhf.data.sources import load_mixture, load_train_eval
 from rlhf.dist.env import device, init_distributed
@@ -61,7 +61,9 @@ from rlhf.trainer import Loop, all_reduce_sums, finish, plan_total_steps, run
 
 
 def load_examples(cfg: KTOConfig, tokenizer) -> tuple[list[UnpairedSample], list[UnpairedSample]]:
-    return load_train_eval(cfg.data, cfg.train.seed, lambda rows: tokenize_unpaired(rows, tokenizer, cfg.data))
+    train, held = load_train_eval(cfg.data, cfg.train.seed, lambda rows: tokenize_unpaired(rows, tokenizer, cfg.data))
+    warn_if_one_label_class(train, cfg.data)
+    return train, held
 
 
 def load_eval_pairs(cfg: KTOConfig, tokenizer) -> list[PairSample]:

@@ -112,9 +112,17 @@ class CriticBatch:
 # Forward passes
 
 
-def policy_logp(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Log-probs [B, T-1] of the batch's tokens and the logits [B, T, V] they came from."""
+def policy_logp(model, batch: dict[str, torch.Tensor], temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probs [B, T-1] of the batch's tokens under softmax(logits / temperature), and those
+    scaled logits [B, T, V].
+
+    Rollouts sample from softmax(logits / T), so the behaviour, actor and reference log-probs of a
+    PPO step must all be taken at that same T: the ratio, the KL and the gap to vLLM's log-probs
+    then compare the distribution that was actually sampled (OpenRLHF and TRL scale the same way).
+    """
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+    if temperature != 1.0:
+        logits = logits / temperature
     return next_token_logprobs(logits, batch["input_ids"]), logits
 
 
@@ -201,11 +209,11 @@ class Scorer:
         actor ranks' ``samples``. Returns per role: the results for this actor rank's samples, this
         rank's own share of samples, and this rank's results for that share (what a critic rank
         trains on)."""
-        micro, r = self.cfg.rollout.micro_rollout_batch_size, self.roles
+        micro, temperature, r = self.cfg.rollout.micro_rollout_batch_size, self.cfg.rollout.temperature, self.roles
         shares = r.router.share(samples, roles)
         results: dict[str, list] = {}
         if "reference" in shares:
-            results["reference"] = per_token_rows(lambda mb: policy_logp(r.reference, mb)[0], shares["reference"], self.pad_id, micro)
+            results["reference"] = per_token_rows(lambda mb: policy_logp(r.reference, mb, temperature)[0], shares["reference"], self.pad_id, micro)
         if "critic" in shares:
             results["critic"] = per_token_rows(lambda mb: token_values(r.critic, mb), shares["critic"], self.pad_id, micro)
         if "reward" in shares:
@@ -281,6 +289,8 @@ def make_experience(cfg: PPOConfig, roles: RoleEngines, scorer: Scorer, prompts:
     responses = [response for _, response, *_ in items]
     samples = [Sample(p.ids + r, [0] * len(p.ids) + [1] * len(r)) for p, r in zip(expanded, responses)]
     stats: dict[str, float] = dict.fromkeys(["reward", "kl", "response_length", "truncated", "samples", "rollout_logp_gap", *scorer.source_names], 0.0)
+    no_rollout = torch.zeros(0, 1)
+    stats.update(ppo_math.rollout_diagnostics(no_rollout[:, 0], no_rollout, no_rollout, n))  # all 0: ranks without an actor add nothing
 
     started = time.perf_counter()
     score_roles = scoring_roles(roles.groups.topology, use_reference_engine=cfg.model.lora_rank == 0)
@@ -294,12 +304,12 @@ def make_experience(cfg: PPOConfig, roles: RoleEngines, scorer: Scorer, prompts:
         with torch.no_grad():
             old_logp = None  # from the training forward (behaviour_logp_from_training)
             if not behaviour_logp_from_training(cfg):
-                old_logp = torch.cat([policy_logp(actor, mb)[0] for _, mb in in_micro_batches(batch, cfg.rollout.micro_rollout_batch_size)])
+                old_logp = torch.cat([policy_logp(actor, mb, cfg.rollout.temperature)[0] for _, mb in in_micro_batches(batch, cfg.rollout.micro_rollout_batch_size)])
             if "reference" in results:
                 ref_logp = padded(results["reference"], width)
             else:  # LoRA: the reference is the base model, i.e. the actor with its adapter off
                 with actor.module.disable_adapter():
-                    ref_logp = torch.cat([policy_logp(actor, mb)[0] for _, mb in in_micro_batches(batch, cfg.rollout.micro_rollout_batch_size)])
+                    ref_logp = torch.cat([policy_logp(actor, mb, cfg.rollout.temperature)[0] for _, mb in in_micro_batches(batch, cfg.rollout.micro_rollout_batch_size)])
         values = padded(results["critic"], width) if "critic" in results else None
         is_weights, engine_logp = None, None
         if items and items[0][4] is not None:  # the engine's own log-probs: how far its numerics are from the actor's
@@ -329,6 +339,7 @@ def make_experience(cfg: PPOConfig, roles: RoleEngines, scorer: Scorer, prompts:
             reward=seq_reward.sum().item(), kl=kl.sum().item(), response_length=action_mask.sum().item(),
             truncated=hit_limit.float().sum().item(), samples=float(len(samples)),
             **{name: r.sum().item() for name, r in per_source.items()},
+            **ppo_math.rollout_diagnostics(seq_reward, advantages, action_mask, n),
         )
 
     critic_batch = None
@@ -392,7 +403,7 @@ def train_actor(cfg: PPOConfig, exp: ActorBatch, actor: TrainEngine, group, kl_c
             ptx_tokens = all_reduce_sums({"t": sum(b["loss_mask"].sum().item() for b in ptx_batches)}, group)["t"]
         for j, idx in enumerate(micro_batches):
             mb, mask = {k: v[idx] for k, v in exp.batch.items()}, exp.action_mask[idx]
-            logp, logits = policy_logp(actor, mb)
+            logp, logits = policy_logp(actor, mb, cfg.rollout.temperature)
             old_logp, is_weights = exp.old_logp, exp.is_weights
             if old_logp is None:  # behaviour log-probs = this forward's: the KL and engine statistics are measured here
                 old_logp = logp.detach()
@@ -407,7 +418,8 @@ def train_actor(cfg: PPOConfig, exp: ActorBatch, actor: TrainEngine, group, kl_c
             loss, clip_frac, approx_kl = ppo_math.policy_loss(
                 logp, old_logp, exp.advantages[idx], mask, lo, hi, cfg.algo.dual_clip, step_tokens, token_weights=is_weights,
             )
-            entropy = ppo_math.masked_sum(ppo_math.entropy_from_logits(logits[:, :-1]), mask) / step_tokens
+            with contextlib.nullcontext() if cfg.algo.entropy_coef else torch.no_grad():  # only a metric at coef 0: no graph over [B, T, V]
+                entropy = ppo_math.masked_sum(ppo_math.entropy_from_logits(logits[:, :-1]), mask) / step_tokens
             if cfg.algo.entropy_coef:
                 loss = loss - cfg.algo.entropy_coef * entropy
             if cfg.algo.use_kl_loss:
@@ -629,6 +641,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         n_samples, n_tokens = totals["samples"], max(totals["response_length"], 1.0)
         record = {"reward": totals["reward"] / n_samples, "kl": totals["kl"] / n_samples, "response_length": n_tokens / n_samples, "truncated": totals["truncated"] / n_samples}
         record.update({k: totals[k] / n_samples for k in scorer.source_names})
+        record.update(ppo_math.diagnostics_record(totals, rollout.n_samples_per_prompt))
         actor_steps = max(totals["actor_updates"] / topology.dp_size("actor"), 1.0)
         record.update({k: totals[k] / actor_steps for k in ("policy_loss", "clip_fraction", "approx_kl", "entropy")})
         if cfg.data.pretrain_data:

@@ -39,7 +39,7 @@ def one_update_both_ways(model: str, extra: list[str]) -> dict:
     batch = to_batch([Sample(p + r, [0] * len(p) + [1] * len(r)) for p, r in zip(prompts, responses)], tokenizer.pad_token_id)
     action_mask = batch["loss_mask"][:, 1:].float()
     with torch.no_grad():
-        old_logp = policy_logp(actors[0], batch)[0]
+        old_logp = policy_logp(actors[0], batch, cfg.rollout.temperature)[0]
     ref_logp = old_logp + 0.1 * torch.randn_like(old_logp)  # a reference a little away from the policy
     advantages = torch.randn(old_logp.size(0), 1).expand_as(old_logp) * action_mask
     engine_logp, is_weights = None, None

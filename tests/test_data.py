@@ -326,7 +326,7 @@ def test_conditional_sft_writes_score_into_prompt(tok):
     [c] = tokenize_sft([{"input": "Q", "output": "A", "score": 3}], tok, replace(cfg, apply_chat_template=True))
     assert text_of(tok, c.input_ids).startswith("<|im_start|>system\n<rm_score>: 3.0<|im_end|>\n<|im_start|>user\nQ")
     assert masked_text(tok, c) == "A<|im_end|>\n"
-    with pytest.raises(UserError, match=r"^d\.jsonl:4: field 'score' must be a number, got 'good'$"):
+    with pytest.raises(UserError, match=r"^d\.jsonl:4: field 'score' must be a number, got str 'good'$"):
         tokenize_sft([{"input": "Q", "output": "A", "score": "good", "__where__": "d.jsonl:4"}], tok, cfg)
 
 
@@ -369,7 +369,7 @@ def test_row_errors_name_the_row(tok):
     cfg = DataConfig()
     with pytest.raises(UserError, match=r"^x\.jsonl:2: field 'output' is missing \(set --output_key; the row has: input, answer\)$"):
         tokenize_sft([{"input": "q", "answer": "a", "__where__": "x.jsonl:2"}], tok, cfg)
-    with pytest.raises(UserError, match=r"^x\.jsonl:5: field 'input' must be a string, got int$"):
+    with pytest.raises(UserError, match=r"^x\.jsonl:5: field 'input' must be a string, got int 3$"):
         tokenize_sft([{"input": 3, "output": "a", "__where__": "x.jsonl:5"}], tok, cfg)
     with pytest.raises(UserError, match=r"^x\.jsonl:6: field 'output' is empty$"):
         tokenize_sft([{"input": "q", "output": " ", "__where__": "x.jsonl:6"}], tok, cfg)

@@ -593,3 +593,33 @@ def test_policy_loss_token_weights():
     w[1] = 2.0
     row1 = policy_loss(x["logp"][1:2], x["old_logp"][1:2], x["advantages"][1:2], x["mask"][1:2], 0.2, 0.2, None, n)[0]
     assert_close(policy_loss(x["logp"], *args, token_weights=w)[0], plain + row1, **TOL)
+
+
+def test_rollout_diagnostics_count_groups_that_can_teach():
+    """Three prompts x 4 samples of a 0/1 reward: all right, all wrong, one of four right.
+    Two groups have zero variance (GRPO gives them no advantage); pass@4 is 2/3. Rewards
+    [1,1,1,1, 0,0,0,0, 1,0,0,0]: mean 5/12, E[r^2] = 5/12, std = sqrt(5/12 - 25/144) = 0.4930.
+    Advantages 1 on 6 tokens and -1 on 2 tokens: mean 0.5, E[a^2] 1, std sqrt(0.75)."""
+    from rlhf.algos.ppo import diagnostics_record, rollout_diagnostics
+
+    reward = torch.tensor([1.0, 1, 1, 1, 0, 0, 0, 0, 1, 0, 0, 0])
+    mask = torch.zeros(12, 2)
+    mask[:4, 0] = 1  # 4 tokens
+    mask[8, :] = 1  # 2 more
+    mask[9, :] = 1  # 2 more
+    adv = torch.zeros(12, 2)
+    adv[:4, 0], adv[8, :], adv[9, :] = 1.0, 1.0, -1.0
+    adv[10, :] = 5.0  # off the mask: not counted
+    # Two shards of the rollout add up to the whole (groups never straddle a shard).
+    halves = [rollout_diagnostics(reward[s], adv[s], mask[s], 4) for s in (slice(0, 8), slice(8, 12))]
+    sums = {k: halves[0][k] + halves[1][k] for k in halves[0]}
+    assert sums == rollout_diagnostics(reward, adv, mask, 4)
+    record = diagnostics_record({**sums, "reward": 5.0, "samples": 12.0}, 4)
+    assert record["reward_std"] == pytest.approx(math.sqrt(5 / 12 - 25 / 144))
+    assert record["advantage_std"] == pytest.approx(math.sqrt(0.75))
+    assert record["group_zero_std"] == pytest.approx(2 / 3)
+    assert (record["group_all_right"], record["group_all_wrong"], record["pass_at_4"]) == pytest.approx((1 / 3, 1 / 3, 2 / 3))
+    # A reward model's scores are not 0/1: no pass@n or all-right shares, only the variance figure.
+    scored = rollout_diagnostics(reward * 0.5 + 0.2, adv, mask, 4)
+    record = diagnostics_record({**scored, "reward": 0.0, "samples": 12.0}, 4)
+    assert "pass_at_4" not in record and record["group_zero_std"] == pytest.approx(2 / 3)

@@ -116,8 +116,8 @@ def test_hh_rlhf_text_pairs(tok, tmp_path):
         "rejected": "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: and 3+3?\n\nAssistant: 7",
     }
     no_marker = {"chosen": "The answer is 4", "rejected": "The answer is 5"}
-    _, rows = write_rows(tmp_path, [single, multi, no_marker])
-    s, m, n = tokenize_pairs(rows, tok, PreferenceDataConfig(prompt_key=None))
+    path, rows = write_rows(tmp_path, [single, multi, no_marker])
+    s, m = tokenize_pairs(rows[:2], tok, PreferenceDataConfig(prompt_key=None))
     # The shared " It is " is cut back: the response starts right after the last marker.
     assert_response_span(tok, s.chosen, "\n\nHuman: What is 2+2?\n\nAssistant:", " It is 4." + EOS)
     assert_response_span(tok, s.rejected, "\n\nHuman: What is 2+2?\n\nAssistant:", " It is 5, I think." + EOS)
@@ -125,10 +125,10 @@ def test_hh_rlhf_text_pairs(tok, tmp_path):
     prompt = "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: and 3+3?\n\nAssistant:"
     assert_response_span(tok, m.chosen, prompt, " 6" + EOS)
     assert_response_span(tok, m.rejected, prompt, " 7" + EOS)
-    # No marker: the longest common token prefix is the prompt.
-    assert_response_span(tok, n.chosen, "The answer is ", "4" + EOS)
-    assert_response_span(tok, n.rejected, "The answer is ", "5" + EOS)
+    # No marker: no way to tell the response from the prompt, so the row is an error.
     assert split_shared_prompt(no_marker["chosen"], no_marker["rejected"]) is None
+    message = user_error(tokenize_pairs, rows[2:], tok, PreferenceDataConfig(prompt_key=None))
+    assert message.startswith(f"{path}:3: with --prompt_key None, fields 'chosen' and 'rejected' have no 'Assistant:' turn"), message
     # A marker cut off by the first difference does not count ("\n\nAssistant:" vs "\n\nAssistant!").
     assert split_shared_prompt("\n\nHuman: a\n\nAssistant: b", "\n\nHuman: a\n\nAssist") is None
 
@@ -195,7 +195,7 @@ def test_pair_errors_name_file_line_and_field(tok, tmp_path):
         ({"prompt": "p", "chosen": "a", "answer": "b"}, {}, r"field 'rejected' is missing \(set --rejected_key;"),
         ({"prompt": "p", "chosen": "same", "rejected": "same"}, {}, r"chosen and rejected are identical \(fields 'chosen' and 'rejected'\)$"),
         ({"prompt": "p", "chosen": "a", "rejected": "  "}, {}, r"field 'rejected' is empty$"),
-        ({"prompt": "p", "chosen": "a", "rejected": "b", "margin": "big"}, {"margin_key": "margin"}, r"field 'margin' must be a number, got 'big'$"),
+        ({"prompt": "p", "chosen": "a", "rejected": "b", "margin": "big"}, {"margin_key": "margin"}, r"field 'margin' must be a number, got str 'big'$"),
         ({"prompt": "p", "chosen": "a", "rejected": "b"}, {"margin_key": "margin"}, r"field 'margin' is missing \(set --margin_key;"),
         ({"chosen": "\n\nHuman: q\n\nAssistant: yes", "rejected": "\n\nHuman: q\n\nAssistant:"}, {"prompt_key": None},
          r"field 'rejected' has an empty response after the prompt both sides share$"),
@@ -272,10 +272,10 @@ def test_kto_label_is_strictly_boolean(tok, tmp_path):
     path, rows = write_rows(tmp_path, rows_in)
     cfg = KTOConfig().data
     expected = [
-        "field 'label' must be true or false, got 1",
-        "field 'label' must be true or false, got 0",
-        "field 'label' must be true or false, got 'true'",
-        "field 'label' must be true or false, got None",
+        "field 'label' must be true or false, got int 1",
+        "field 'label' must be true or false, got int 0",
+        "field 'label' must be true or false, got str 'true'",
+        "field 'label' must be true or false, got null",
         "field 'label' is missing (set --label_key; the row has: prompt, completion)",
         "field 'completion' is empty",
         "field 'completion' is empty",

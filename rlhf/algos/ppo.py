@@ -371,6 +371,61 @@ def dr_grpo(inputs: AdvantageInputs) -> tuple[torch.Tensor, torch.Tensor]:
     return returns, returns.clone()
 
 
+def rollout_diagnostics(seq_reward: torch.Tensor, advantages: torch.Tensor, action_mask: torch.Tensor, n_samples_per_prompt: int) -> dict[str, float]:
+    """Sums over one shard of a rollout that tell whether a step can learn, to be added up over
+    the shards and divided by the caller (hence sums, not means).
+
+    seq_reward [B] with the ``n_samples_per_prompt`` samples of each prompt consecutive (B = P x n);
+    advantages, action_mask [B, T-1].
+
+    - ``reward_sq``: sum of r^2 (with the reward sum, the batch's reward std).
+    - ``advantage``, ``advantage_sq``, ``advantage_tokens``: over action tokens (the advantage std).
+    - ``groups``, ``groups_zero_std``: prompts, and prompts whose n rewards all agree: a group-relative
+      estimator gives them zero advantage, so they teach nothing.
+    - For 0/1 rewards (a verifier): ``groups_all_right``, ``groups_all_wrong`` and ``groups_solved``
+      (at least one of n right: pass@n of the rollout); ``nonbinary`` counts samples whose reward is
+      neither 0 nor 1, and those three mean nothing unless it sums to 0 over the shards.
+    """
+    r = seq_reward.detach().float()
+    mask = action_mask.float()
+    adv = advantages.detach().float() * mask
+    out = {
+        "reward_sq": (r * r).sum().item(),
+        "advantage": adv.sum().item(), "advantage_sq": (adv * adv).sum().item(), "advantage_tokens": mask.sum().item(),
+        "nonbinary": float(((r != 0) & (r != 1)).sum().item()),
+    }
+    groups = r.view(-1, n_samples_per_prompt)  # [P, n]
+    same = (groups == groups[:, :1]).all(-1)  # [P]
+    out.update(
+        groups=float(groups.size(0)), groups_zero_std=float(same.sum().item()),
+        groups_all_right=float((same & (groups[:, 0] == 1)).sum().item()), groups_all_wrong=float((same & (groups[:, 0] == 0)).sum().item()),
+        groups_solved=float((groups == 1).any(-1).sum().item()),
+    )
+    return out
+
+
+def diagnostics_record(totals: dict[str, float], n_samples_per_prompt: int) -> dict[str, float]:
+    """The per-step figures from ``rollout_diagnostics`` sums added over the shards (and the
+    reward sum ``reward`` and sample count ``samples``): reward_std, advantage_std, and with more
+    than one sample per prompt the share of zero-variance groups, plus, for 0/1 rewards, the shares
+    of groups all right / all wrong and the rollout's pass@n."""
+    samples, tokens = max(totals["samples"], 1.0), max(totals["advantage_tokens"], 1.0)
+    mean, adv_mean = totals["reward"] / samples, totals["advantage"] / tokens
+    record = {
+        "reward_std": math.sqrt(max(totals["reward_sq"] / samples - mean * mean, 0.0)),
+        "advantage_std": math.sqrt(max(totals["advantage_sq"] / tokens - adv_mean * adv_mean, 0.0)),
+    }
+    if n_samples_per_prompt > 1:
+        groups = max(totals["groups"], 1.0)
+        record["group_zero_std"] = totals["groups_zero_std"] / groups
+        if totals["nonbinary"] == 0:
+            record.update(
+                group_all_right=totals["groups_all_right"] / groups, group_all_wrong=totals["groups_all_wrong"] / groups,
+                **{f"pass_at_{n_samples_per_prompt}": totals["groups_solved"] / groups},
+            )
+    return record
+
+
 # ----------------------------------------------------------------------------------------------
 # Losses
 

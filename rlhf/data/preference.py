@@ -49,7 +49,7 @@ from rlhf.data.sft import (
     collate_packed,
     collate_padded,
 )
-from rlhf.errors import UserError
+from rlhf.errors import UserError, describe_value
 
 
 # The turn marker of Anthropic's HH-RLHF dialogues; the response starts right after the last one.
@@ -126,7 +126,7 @@ def _margin(row: dict, where: str, cfg: PreferenceDataConfig) -> float:
             raise ValueError
         margin = float(value)  # CSV cells arrive as strings such as "0.5"
     except (TypeError, ValueError):
-        raise UserError(f"{where}: field {cfg.margin_key!r} must be a number, got {value!r}") from None
+        raise UserError(f"{where}: field {cfg.margin_key!r} must be a number, got {describe_value(value)}") from None
     if margin != margin or margin in (float("inf"), float("-inf")):
         raise UserError(f"{where}: field {cfg.margin_key!r} must be a finite number, got {value!r}")
     return margin
@@ -293,7 +293,7 @@ def tokenize_unpaired(rows: list[dict], tokenizer, cfg: PreferenceDataConfig) ->
         # Strict on purpose: 0/1 or "yes" columns are often scores or ratings, not labels, and
         # guessing their meaning would silently flip examples.
         if not isinstance(label, bool):
-            raise UserError(f"{where}: field {cfg.label_key!r} must be true or false, got {label!r}")
+            raise UserError(f"{where}: field {cfg.label_key!r} must be true or false, got {describe_value(label)}")
         completion = _field(row, cfg.output_key, where, "--output_key")
         if isinstance(completion, list):
             text = "".join(m.get("content", "") for m in completion if isinstance(m, dict) and isinstance(m.get("content"), str))

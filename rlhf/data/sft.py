@@ -31,9 +31,14 @@ import torch
 
 from rlhf.config import DataConfig
 from rlhf.data.sources import WHERE_KEY
-from rlhf.errors import UserError
+from rlhf.errors import UserError, describe_value
 
 logger = logging.getLogger(__name__)
+
+# Roles chat templates know (OpenAI's and the Llama-3 / Qwen templates' names). Anything else is
+# almost always a dataset in another convention (ShareGPT's 'human' / 'gpt', 'bot'), which a
+# template would render wrongly or silently skip.
+CHAT_ROLES = ("system", "user", "assistant", "tool", "function", "ipython", "developer")
 
 
 @dataclass
@@ -120,7 +125,7 @@ def _preprocess(fn: Callable, row: dict, where: str, spec: str) -> Optional[dict
     if out is None:
         return None
     if not isinstance(out, dict):
-        raise UserError(f"{where}: --preprocess_fn {spec} returned {type(out).__name__}, expected a dict (or None to skip)")
+        raise UserError(f"{where}: --preprocess_fn {spec} returned {describe_value(out)}, expected a dict (or None to skip)")
     return {**out, WHERE_KEY: where}
 
 
@@ -253,7 +258,7 @@ def _field(row: dict, key: str, where: str, flag: str) -> Any:
 def _text_field(row: dict, key: str, where: str, flag: str, allow_empty: bool) -> str:
     value = _field(row, key, where, flag)
     if not isinstance(value, str):
-        raise UserError(f"{where}: field {key!r} must be a string, got {type(value).__name__}")
+        raise UserError(f"{where}: field {key!r} must be a string, got {describe_value(value)}")
     if not allow_empty and not value.strip():
         raise UserError(f"{where}: field {key!r} is empty")
     return value
@@ -261,10 +266,17 @@ def _text_field(row: dict, key: str, where: str, flag: str, allow_empty: bool) -
 
 def _messages(value: Any, key: str, where: str) -> list[dict]:
     if not isinstance(value, list) or not value:
-        raise UserError(f"{where}: field {key!r} must be a non-empty list of chat messages")
+        found = "an empty list" if isinstance(value, list) else describe_value(value)
+        raise UserError(f"{where}: field {key!r} must be a non-empty list of chat messages, got {found}")
     for j, m in enumerate(value):
-        if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
-            raise UserError(f"{where}: field {key!r} message {j} must be an object with string 'role' and 'content'")
+        if not isinstance(m, dict):
+            raise UserError(f"{where}: field {key!r} message {j} must be an object with string 'role' and 'content', got {describe_value(m)}")
+        for part in ("role", "content"):
+            if not isinstance(m.get(part), str):
+                found = "nothing" if part not in m else describe_value(m[part])
+                raise UserError(f"{where}: field {key!r} message {j} must have a string {part!r}, got {found}")
+        if m["role"] not in CHAT_ROLES:
+            raise UserError(f"{where}: field {key!r} message {j} has role {m['role']!r}; chat roles are {', '.join(CHAT_ROLES)}")
     return [{"role": m["role"], "content": m["content"]} for m in value]
 
 
@@ -275,7 +287,7 @@ def _score_text(row: dict, where: str, cfg: DataConfig) -> str:
             raise ValueError
         score = float(value)  # CSV cells arrive as strings such as "0.8"
     except (TypeError, ValueError):
-        raise UserError(f"{where}: field {cfg.score_key!r} must be a number, got {value!r}") from None
+        raise UserError(f"{where}: field {cfg.score_key!r} must be a number, got {describe_value(value)}") from None
     try:
         return cfg.score_template.format(score=score)
     except (KeyError, IndexError, ValueError) as err:
@@ -317,7 +329,7 @@ def _sft_ids(row: dict, where: str, tokenizer, cfg: DataConfig, template: Option
         return _chat_ids(tokenizer, messages, targets, template, where)
 
     if cfg.output_key is None:
-        raise UserError(f"{where}: field {cfg.input_key!r} must be a list of chat messages when --output_key is None")
+        raise UserError(f"{where}: field {cfg.input_key!r} must be a list of chat messages when --output_key is None, got {describe_value(value)}")
     prompt = _text_field(row, cfg.input_key, where, "--input_key", True)
     response = _text_field(row, cfg.output_key, where, "--output_key", False)
     if cfg.input_template:

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 import rlhf
-from rlhf.errors import UserError
+from rlhf.errors import UserError, describe_value
 
 logger = logging.getLogger(__name__)
 
@@ -140,7 +140,7 @@ def _load_json(path: Path, label: str) -> list[dict]:
         rows = []
         for i, item in enumerate(items):
             if not isinstance(item, dict):
-                raise UserError(f"{label} row {i}: expected a JSON object, got {type(item).__name__}")
+                raise UserError(f"{label} row {i}: expected a JSON object, got {describe_value(item)}")
             rows.append({**item, WHERE_KEY: f"{label} row {i}"})
         return rows
     # JSON lines, parsed one line at a time so an error names its line.
@@ -155,7 +155,7 @@ def _load_json(path: Path, label: str) -> list[dict]:
                 raise UserError(f"{label}: holds one JSON object; expected a list of objects or JSON lines") from None
             raise UserError(f"{label}:{lineno}: malformed JSON ({err.msg}, column {err.colno})") from None
         if not isinstance(item, dict):
-            raise UserError(f"{label}:{lineno}: expected a JSON object, got {type(item).__name__}")
+            raise UserError(f"{label}:{lineno}: expected a JSON object, got {describe_value(item)}")
         item[WHERE_KEY] = f"{label}:{lineno}"
         rows.append(item)
     return rows

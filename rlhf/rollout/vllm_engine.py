@@ -64,6 +64,10 @@ class VLLMGenerator:
             seed=seed,
             max_model_len=max_model_len,
             enable_prefix_caching=True,
+            **({"max_num_seqs": cfg.max_num_seqs} if cfg.max_num_seqs else {}),
+            # Log-probs after temperature (and top-p): those of the distribution sampled from, which
+            # is what the actor's log-probs at the same temperature are compared with.
+            logprobs_mode="processed_logprobs",
             enable_sleep_mode=cfg.vllm_enable_sleep and torch.cuda.is_available(),
             enforce_eager=not torch.cuda.is_available(),
             **memory,
