@@ -9,13 +9,17 @@ entry points in the trainer tests. Rows are added where a check is added.
 
 from __future__ import annotations
 
+import functools
+import json
 from dataclasses import dataclass
 from typing import Any, Callable
 
 import pytest
 
-from rlhf.config import GenerateConfig, ModelConfig, PPOConfig, parse_config
-from rlhf.data.sources import ASSETS_DIR
+from rlhf.config import DataConfig, GenerateConfig, ModelConfig, PPOConfig, PreferenceDataConfig, parse_config
+from rlhf.data.preference import tokenize_pairs, tokenize_unpaired
+from rlhf.data.sft import tokenize_sft
+from rlhf.data.sources import ASSETS_DIR, load_rows
 from rlhf.errors import UserError
 from rlhf.rewards import remote_reward
 
@@ -56,6 +60,34 @@ def load_model(kind: str, pretrain: str, flag: str):
     return load_reward_model(cfg, pad_token_id=0, flag=flag) if kind == "reward" else load_causal_lm(cfg, flag=flag)
 
 
+@functools.cache
+def tokenizer():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(ASSETS_DIR / "tiny-qwen2"))
+
+
+def rows(tmp, *items: dict) -> list[dict]:
+    """The rows as a data file on disk, read back: errors then name data.jsonl and the line."""
+    path = tmp / "data.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in items))
+    return load_rows(str(path))
+
+
+def sft(tmp, row: dict, **cfg):
+    """Tokenise a good row, then ``row`` (line 2 of the file)."""
+    good = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]} if "messages" in row else {"input": "q", "output": "a"}
+    return tokenize_sft(rows(tmp, good, row), tokenizer(), DataConfig(**cfg))
+
+
+def pairs(tmp, row: dict, **cfg):
+    return tokenize_pairs(rows(tmp, row), tokenizer(), PreferenceDataConfig(**cfg))
+
+
+HH = "\n\nHuman: 2+2?\n\nAssistant: "
+CHAT = {"apply_chat_template": True, "input_key": "messages", "output_key": None}
+
+
 CASES = [
     # item 2: an eval set is chosen once
     Case("ppo eval holdout out of range", lambda tmp: ppo("--eval_holdout_ratio", "1.5"), ("--eval_holdout_ratio must be in [0, 1), got 1.5",)),
@@ -74,6 +106,26 @@ CASES = [
     Case("reward file returns a dict without rewards", lambda tmp: reward_file(tmp, "{'score': [1]}"), ("returned a dict without 'rewards' (keys: score)",)),
     Case("reward file raises", lambda tmp: reward_file(tmp, "1 / 0"), ("reward.py raised ZeroDivisionError: division by zero",)),
     Case("reward file missing", lambda tmp: remote_reward(str(tmp / "nope.py"), 1.0, 0), ("--remote_rm_url", "no such file", "nope.py")),
+    # item 8: HH-RLHF whole dialogues must have the Assistant turn the response follows
+    Case("hh-rlhf without assistant turn", lambda tmp: pairs(tmp, {"chosen": "\n\nHuman: 2+2? 4", "rejected": "\n\nHuman: 2+2? 5"}, prompt_key=None),
+         ("data.jsonl:1: with --prompt_key None, fields 'chosen' and 'rejected' have no 'Assistant:' turn", "set --prompt_key")),
+    Case("hh-rlhf one side without assistant turn", lambda tmp: pairs(tmp, {"chosen": HH + "4", "rejected": "\n\nHuman: 2+2? 5"}, prompt_key=None),
+         ("data.jsonl:1: with --prompt_key None, field 'rejected' has no 'Assistant:' turn",)),
+    Case("hh-rlhf pair of two dialogues", lambda tmp: pairs(tmp, {"chosen": HH + "4", "rejected": "\n\nHuman: 3+3?\n\nAssistant: 6"}, prompt_key=None),
+         ("data.jsonl:1: fields 'chosen' and 'rejected' differ before their last 'Assistant:' turn",)),
+    # item 9: the message names the type found, and an unknown chat role by name
+    Case("text field is a number", lambda tmp: sft(tmp, {"input": 7, "output": "a"}), ("data.jsonl:2: field 'input' must be a string, got int 7",)),
+    Case("text field is null", lambda tmp: sft(tmp, {"input": "q", "output": None}), ("data.jsonl:2: field 'output' must be a string, got null",)),
+    Case("messages is a string", lambda tmp: sft(tmp, {"messages": "hi"}, **CHAT), ("data.jsonl:2: field 'messages' must be a list of chat messages when --output_key is None, got str 'hi'",)),
+    Case("messages is an empty list", lambda tmp: sft(tmp, {"messages": []}, **CHAT), ("data.jsonl:2: field 'messages' must be a non-empty list of chat messages, got an empty list",)),
+    Case("message content null", lambda tmp: sft(tmp, {"messages": [{"role": "user", "content": None}]}, **CHAT), ("field 'messages' message 0 must have a string 'content', got null",)),
+    Case("message without role", lambda tmp: sft(tmp, {"messages": [{"content": "hi"}]}, **CHAT), ("field 'messages' message 0 must have a string 'role', got nothing",)),
+    Case("unknown chat role", lambda tmp: sft(tmp, {"messages": [{"role": "user", "content": "hi"}, {"role": "bot", "content": "4"}]}, **CHAT),
+         ("data.jsonl:2: field 'messages' message 1 has role 'bot'; chat roles are system, user, assistant",)),
+    Case("kto label is null", lambda tmp: tokenize_unpaired(rows(tmp, {"prompt": "p", "completion": "c", "label": None}), tokenizer(), PreferenceDataConfig(input_key="prompt", output_key="completion")),
+         ("data.jsonl:1: field 'label' must be true or false, got null",)),
+    Case("data line is not an object", lambda tmp: rows(tmp, {"input": "q"}) and (tmp / "data.jsonl").write_text("null\n") and load_rows(str(tmp / "data.jsonl")),
+         ("data.jsonl:1: expected a JSON object, got null",)),
     # item 7: a bad model folder is named with the flag that named it
     Case("corrupt safetensors", lambda tmp: load_model("reward", corrupt_model(tmp), "--reward_pretrain"), ("--reward_pretrain", "rm_broken: the model's weights are not a readable safetensors file", "download or export the model again")),
     Case("missing reference folder", lambda tmp: load_model("causal", str(tmp / "no_ref"), "--ref_pretrain"), ("--ref_pretrain", "no_ref: no such model folder")),

@@ -71,3 +71,28 @@ def test_remote_rm_url_takes_an_openrlhf_reward_file(tmp_path):
     path.write_text("def reward_func(queries, prompts, labels):\n    return {'rewards': [0.5] * len(queries), 'scores': [1] * len(queries)}\n")
     assert remote_reward(str(path), 1.0, 0)(["p"], ["r"], [None]).tolist() == [0.5]
     assert isinstance(remote_reward("http://localhost:5000/get_reward", 1.0, 0), RemoteReward)
+
+
+def test_kto_data_with_one_label_class_warns(tmp_path, caplog):
+    import logging
+
+    from transformers import AutoTokenizer
+
+    from rlhf.config import KTOConfig
+    from rlhf.data.sources import ASSETS_DIR
+    from rlhf.kto import load_examples
+
+    tok = AutoTokenizer.from_pretrained(str(ASSETS_DIR / "tiny-qwen2"))
+    data = tmp_path / "kto.jsonl"
+    write_jsonl(data, [{"prompt": f"{i}+1=", "completion": str(i + 1), "label": True} for i in range(8)])
+    cfg = KTOConfig()
+    cfg.data.dataset, cfg.data.eval_holdout_ratio = str(data), 0.0
+    with caplog.at_level(logging.WARNING):
+        train, _ = load_examples(cfg, tok)
+    assert len(train) == 8
+    assert f"KTO data {data}: all 8 training examples have --label_key 'label' true (desirable)" in caplog.text
+    caplog.clear()
+    write_jsonl(data, [{"prompt": f"{i}+1=", "completion": str(i + 1), "label": i % 2 == 0} for i in range(8)])
+    with caplog.at_level(logging.WARNING):
+        load_examples(cfg, tok)
+    assert "training examples have" not in caplog.text  # both classes: no warning

@@ -11,7 +11,8 @@ Paired row shapes (``PreferenceDataConfig`` names the keys):
   prompt; without a chat template a side is prompt tokens + response tokens + eos, with
   ``--apply_chat_template`` the prompt is a user turn and the response the assistant turn;
 * HH-RLHF (``--prompt_key None``): ``{chosen: "\\n\\nHuman: ...\\n\\nAssistant: ...", rejected: ...}``,
-  two whole dialogues; the prompt is their shared beginning (see ``split_shared_prompt``);
+  two whole dialogues; the prompt is their shared beginning up to the last ``Assistant:`` turn
+  (see ``split_shared_prompt``); a pair without that shared turn is an error;
 * UltraFeedback-binarized (``--apply_chat_template``): ``{prompt: str, chosen: [messages],
   rejected: [messages]}`` where both lists hold the whole conversation; everything but the last
   message is the context (it must be the same on both sides), the last assistant message is
@@ -25,6 +26,7 @@ with the prompt and completion as in SFT (strings, or messages lists with the ch
 
 from __future__ import annotations
 
+import logging
 import random
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -51,6 +53,7 @@ from rlhf.data.sft import (
 )
 from rlhf.errors import UserError, describe_value
 
+logger = logging.getLogger(__name__)
 
 # The turn marker of Anthropic's HH-RLHF dialogues; the response starts right after the last one.
 HH_ASSISTANT_MARKER = "\n\nAssistant:"
@@ -199,7 +202,7 @@ def split_shared_prompt(chosen: str, rejected: str) -> Optional[int]:
     ``"\\n\\nAssistant:"`` marker inside it: both answers often begin alike (" I", " Sure"), and
     that shared start belongs to the response, not to the prompt. The marker itself stays in the
     prompt because it is what a model is given before it generates. None when the common prefix
-    holds no marker (the caller then splits on the common token prefix).
+    holds no marker (the pair has no shared dialogue to answer).
     """
     n = 0
     for a, b in zip(chosen, rejected):
@@ -215,20 +218,21 @@ def split_shared_prompt(chosen: str, rejected: str) -> Optional[int]:
 def _shared_prompt_pair(tokenizer, chosen: str, rejected: str, where: str, cfg: PreferenceDataConfig) -> tuple[Ids, Ids]:
     eos = _eos_id(tokenizer)
     cut = split_shared_prompt(chosen, rejected)
-    if cut is not None:
-        prompt_ids = _encode(tokenizer, chosen[:cut])
-        responses = [_encode(tokenizer, chosen[cut:]), _encode(tokenizer, rejected[cut:])]
-        texts = [chosen[cut:], rejected[cut:]]
-    else:
-        # No turn marker: the prompt is whatever tokens the two texts share at the start.
-        c_ids, r_ids = _encode(tokenizer, chosen), _encode(tokenizer, rejected)
-        n = 0
-        for a, b in zip(c_ids, r_ids):
-            if a != b:
-                break
-            n += 1
-        prompt_ids, responses = c_ids[:n], [c_ids[n:], r_ids[n:]]
-        texts = [tokenizer.decode(r) for r in responses]
+    if cut is None:
+        # Guessing a prompt from whatever the texts share would train on part of the question
+        # (or score two answers to different questions): the row is not in HH-RLHF form.
+        marker = HH_ASSISTANT_MARKER.strip()
+        lacking = [key for key, text in ((cfg.chosen_key, chosen), (cfg.rejected_key, rejected)) if HH_ASSISTANT_MARKER not in text]
+        if lacking:
+            what = f"field {lacking[0]!r} has" if len(lacking) == 1 else f"fields {cfg.chosen_key!r} and {cfg.rejected_key!r} have"
+            raise UserError(
+                f"{where}: with --prompt_key None, {what} no '{marker}' turn, so the response cannot be told from the prompt "
+                "(HH-RLHF form: '\\n\\nHuman: ...\\n\\nAssistant: ...'; else set --prompt_key)"
+            )
+        raise UserError(f"{where}: fields {cfg.chosen_key!r} and {cfg.rejected_key!r} differ before their last '{marker}' turn: a pair must answer the same dialogue")
+    prompt_ids = _encode(tokenizer, chosen[:cut])
+    responses = [_encode(tokenizer, chosen[cut:]), _encode(tokenizer, rejected[cut:])]
+    texts = [chosen[cut:], rejected[cut:]]
     for key, text in zip((cfg.chosen_key, cfg.rejected_key), texts):
         if not text.strip():
             raise UserError(f"{where}: field {key!r} has an empty response after the prompt both sides share")
@@ -319,6 +323,19 @@ def tokenize_unpaired(rows: list[dict], tokenizer, cfg: PreferenceDataConfig) ->
         samples.append(UnpairedSample(sample=_sample(ids, mask), desirable=label, prompt_len=prompt_len))
     counts.report("samples", len(samples), cfg.max_len)
     return samples
+
+
+def warn_if_one_label_class(samples: list[UnpairedSample], cfg: PreferenceDataConfig) -> None:
+    """Warn when every KTO training example has the same label: KTO then has nothing to contrast
+    (only desirable: it just raises their likelihood against the KL anchor; only undesirable: it
+    only pushes them down), which is almost always a wrong --label_key or a filtered dataset."""
+    labels = {s.desirable for s in samples}
+    if len(labels) == 1:
+        value = "true (desirable)" if labels.pop() else "false (undesirable)"
+        logger.warning(
+            "KTO data %s: all %d training examples have --label_key %r %s; KTO learns from both classes, so check the labels",
+            cfg.dataset, len(samples), cfg.label_key, value,
+        )
 
 
 def kto_mismatched_pairs(samples: list[UnpairedSample], seed: int, max_len: Optional[int] = None) -> list[Sample]:
