@@ -101,7 +101,7 @@ class DataConfig:
     truncate: bool = True
     """Truncate samples longer than --max_len; --no-truncate makes a too-long prompt an error."""
     packing_samples: bool = False
-    """Pack several samples per row; attention stays within each sample."""
+    """Pack the --micro_train_batch_size samples of a micro-batch into one row instead of padding them; attention stays within each sample, and --train_batch_size still counts samples (pairs for DPO)."""
     pretrain_mode: bool = False
     """Continued pre-training: raw text from --input_key, loss on every token."""
     preprocess_fn: Optional[str] = None

@@ -62,8 +62,7 @@ def plan_total_steps(cfg: Any, lengths: Sequence[int], dp_size: int, num_items: 
 
 
 def _epoch_plan(cfg: Any, lengths: Sequence[int], epoch: int) -> list[list[int]]:
-    pack = cfg.train.micro_train_batch_size * cfg.data.max_len if cfg.data.packing_samples else None
-    return plan_epoch(lengths, micro_batch_size=cfg.train.micro_train_batch_size, seed=cfg.train.seed, epoch=epoch, pack_max_tokens=pack)
+    return plan_epoch(lengths, micro_batch_size=cfg.train.micro_train_batch_size, seed=cfg.train.seed, epoch=epoch)
 
 
 def run(loop: Loop, engine: TrainEngine, total_steps: int, per_epoch: int, checkpointed: Optional[dict] = None) -> None:

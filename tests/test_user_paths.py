@@ -96,3 +96,22 @@ def test_kto_data_with_one_label_class_warns(tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         load_examples(cfg, tok)
     assert "training examples have" not in caplog.text  # both classes: no warning
+
+
+def test_packing_keeps_the_pairs_per_optimizer_step():
+    """--packing_samples packs each micro-batch's samples into a row; it must not change how many
+    samples (DPO: pairs) an optimizer step holds, or --train_batch_size would lose its meaning."""
+    from rlhf.config import DPOConfig
+    from rlhf.data.batching import step_micro_batches
+    from rlhf.trainer import _epoch_plan, plan_total_steps
+
+    lengths = [20 + i % 7 for i in range(64)]  # short pairs: thousands would fit one --max_len budget
+    counts = {}
+    for packed in (False, True):
+        cfg = DPOConfig()
+        cfg.data.packing_samples = packed
+        cfg.train.micro_train_batch_size, cfg.train.train_batch_size = 8, 16
+        per_epoch, _ = plan_total_steps(cfg, lengths, dp_size=2, num_items=len(lengths))
+        plan = _epoch_plan(cfg, lengths, epoch=0)
+        counts[packed] = (per_epoch, [sum(len(mb) for rank in step_micro_batches(plan, s, 2, 1) for mb in rank) for s in range(per_epoch)])
+    assert counts[True] == counts[False] == (4, [16, 16, 16, 16])

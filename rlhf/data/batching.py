@@ -10,40 +10,21 @@ loss normaliser) needs no communication, and resuming at step ``s`` needs only `
 from __future__ import annotations
 
 import random
-from typing import Optional, Sequence
+from typing import Sequence
 
 
-def plan_epoch(
-    lengths: Sequence[int],
-    *,
-    micro_batch_size: int,
-    seed: int,
-    epoch: int,
-    pack_max_tokens: Optional[int] = None,
-) -> list[list[int]]:
-    """Global micro-batches for one epoch.
+def plan_epoch(lengths: Sequence[int], *, micro_batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """Global micro-batches for one epoch: ``micro_batch_size`` samples each, in a seeded order.
 
-    Without packing each micro-batch has ``micro_batch_size`` samples. With packing, samples are
-    laid end to end, in shuffled order, into micro-batches of at most ``pack_max_tokens``
-    tokens (a sample longer than that gets a micro-batch of its own).
+    The same plan serves padded and packed batches (``--packing_samples`` packs a micro-batch's
+    samples into one row instead of padding them), so an optimizer step always holds
+    ``--train_batch_size`` samples, as in OpenRLHF; packing by a token budget instead would
+    change the number of pairs per step, and with it the learning rate's meaning.
     """
     order = list(range(len(lengths)))
     random.Random(seed * 100_003 + epoch).shuffle(order)
-    if pack_max_tokens is None:
-        full = len(order) - len(order) % micro_batch_size
-        return [order[i : i + micro_batch_size] for i in range(0, full, micro_batch_size)]
-    batches: list[list[int]] = []
-    current: list[int] = []
-    used = 0
-    for idx in order:
-        if current and used + lengths[idx] > pack_max_tokens:
-            batches.append(current)
-            current, used = [], 0
-        current.append(idx)
-        used += lengths[idx]
-    if current:
-        batches.append(current)
-    return batches
+    full = len(order) - len(order) % micro_batch_size
+    return [order[i : i + micro_batch_size] for i in range(0, full, micro_batch_size)]
 
 
 def steps_in_epoch(num_micro_batches: int, dp_size: int, accumulation_steps: int) -> int:
