@@ -115,3 +115,56 @@ def test_packing_keeps_the_pairs_per_optimizer_step():
         plan = _epoch_plan(cfg, lengths, epoch=0)
         counts[packed] = (per_epoch, [sum(len(mb) for rank in step_micro_batches(plan, s, 2, 1) for mb in rank) for s in range(per_epoch)])
     assert counts[True] == counts[False] == (4, [16, 16, 16, 16])
+
+
+# ----------------------------------------------------------------------------------------------
+# rlhf.ppo as a new user runs it: their own prompt file and reward file, no eval file
+
+
+def tiny_ppo_args(tmp_path: Path, *extra: str) -> list[str]:
+    return [
+        "--pretrain", "embedded:tiny-qwen2", "--advantage_estimator", "group_norm", "--n_samples_per_prompt", "2",
+        "--rollout_batch_size", "4", "--micro_rollout_batch_size", "8", "--train_batch_size", "8", "--micro_train_batch_size", "8",
+        "--generate_max_len", "3", "--zero_stage", "0", "--max_steps", "2", "--eval_every", "1",
+        "--save_path", str(tmp_path / "model"), "--ckpt_path", str(tmp_path / "ckpt"), *extra,
+    ]
+
+
+def test_ppo_with_own_prompts_reward_file_and_holdout_eval(tmp_path):
+    """Items 2, 5 and 6 in one real run: prompts whose column is 'question' (the embedded eval file
+    has 'input', so touching it would fail), an OpenRLHF reward file as --remote_rm_url, a quarter
+    of the prompts held out for eval, and a save path holding an old run's metrics.jsonl."""
+    from helpers import read_jsonl, run_trainer
+
+    write_jsonl(tmp_path / "prompts.jsonl", [{"question": f"{i}+{i}=", "answer": str(2 * i)} for i in range(20)])
+    (tmp_path / "reward.py").write_text("import torch\n\ndef reward_func(queries, prompts, labels):\n    return torch.tensor([float(len(q) - len(p)) for q, p in zip(queries, prompts)])\n")
+    old = tmp_path / "model" / "metrics.jsonl"
+    write_jsonl(old, [{"step": 7, "eval_reward": 0.99, "time": 1.0}])
+    proc = run_trainer("rlhf.ppo", tiny_ppo_args(
+        tmp_path, "--prompt_data", str(tmp_path / "prompts.jsonl"), "--input_key", "question", "--label_key", "answer",
+        "--remote_rm_url", str(tmp_path / "reward.py"), "--eval_holdout_ratio", "0.25",
+    ), nproc=0)
+    records = read_jsonl(old)
+    assert [r["step"] for r in records if "eval_reward" in r] == [0, 1, 2]  # the old run's step 7 is gone
+    assert all(r["step"] <= 2 for r in records)
+    trained = [r for r in records if "reward_remote" in r]
+    # the reward file saw prompt + response: its reward is the response's length in characters
+    assert len(trained) == 2 and all(0 <= r["reward_remote"] <= 3 for r in trained)  # at most 3 one-character tokens
+    assert "eval_reward by step: 0: " in proc.stdout
+
+
+def test_ppo_names_the_reward_model_flag_of_a_corrupt_folder(tmp_path):
+    import shutil
+
+    from helpers import error_lines, run_trainer
+
+    from rlhf.data.sources import ASSETS_DIR
+
+    folder = tmp_path / "rm"
+    shutil.copytree(ASSETS_DIR / "tiny-qwen2", folder)
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    proc = run_trainer("rlhf.ppo", tiny_ppo_args(tmp_path, "--reward_pretrain", str(folder)), nproc=0, check=False)
+    lines = error_lines(proc.stderr)
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-3000:]
+    assert lines[0].startswith(f"error: --reward_pretrain {folder}: the model's weights are not a readable safetensors file")
