@@ -664,6 +664,8 @@ class PPOConfig:
             raise UserError("PPO needs a reward: give --reward_func module:function, --reward_pretrain MODEL and/or --remote_rm_url URL")
         if algo.normalize_reward and not algo.reward_pretrain:
             raise UserError("--normalize_reward normalises reward-model scores, but no --reward_pretrain is given: drop the flag or add a reward model")
+        if algo.remote_rm_url and algo.remote_rm_url.endswith(".py") and not Path(algo.remote_rm_url).expanduser().is_file():
+            raise UserError(f"--remote_rm_url {algo.remote_rm_url}: no such reward file")  # before any model is loaded
         if algo.advantage_estimator in ("rloo", "group_norm", "dr_grpo", "reinforce_baseline") and self.rollout.n_samples_per_prompt < 2:
             raise UserError(f"--advantage_estimator {algo.advantage_estimator} compares samples of one prompt: set --n_samples_per_prompt >= 2")
         per_step = self.rollout.rollout_batch_size * self.rollout.n_samples_per_prompt

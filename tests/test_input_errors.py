@@ -105,6 +105,7 @@ CASES = [
     Case("reward file returns a number", lambda tmp: reward_file(tmp, "1"), ("must return a list of numbers, got int 1",)),
     Case("reward file returns a dict without rewards", lambda tmp: reward_file(tmp, "{'score': [1]}"), ("returned a dict without 'rewards' (keys: score)",)),
     Case("reward file raises", lambda tmp: reward_file(tmp, "1 / 0"), ("reward.py raised ZeroDivisionError: division by zero",)),
+    Case("ppo reward file missing", lambda tmp: ppo("--remote_rm_url", str(tmp / "nope.py")), ("--remote_rm_url", "nope.py: no such reward file")),
     Case("reward file missing", lambda tmp: remote_reward(str(tmp / "nope.py"), 1.0, 0), ("--remote_rm_url", "no such file", "nope.py")),
     # item 8: HH-RLHF whole dialogues must have the Assistant turn the response follows
     Case("hh-rlhf without assistant turn", lambda tmp: pairs(tmp, {"chosen": "\n\nHuman: 2+2? 4", "rejected": "\n\nHuman: 2+2? 5"}, prompt_key=None),
