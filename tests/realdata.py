@@ -185,8 +185,9 @@ def final_number(text):
 
 def reward(prompts, responses, labels):
     if os.environ.get("RLHF_REWARD_LOG"):
-        with open(os.environ["RLHF_REWARD_LOG"], "a", encoding="utf-8") as f:
-            f.write(json.dumps({"prompts": prompts, "responses": responses, "labels": labels}, ensure_ascii=False) + "\\n")
+        # one file per rank: ranks call the function concurrently
+        with open(os.environ["RLHF_REWARD_LOG"] + "." + os.environ.get("RANK", "0"), "a", encoding="utf-8") as f:
+            f.write(json.dumps({"rank": os.environ.get("RANK"), "prompts": prompts, "responses": responses, "labels": labels}, ensure_ascii=False) + "\\n")
     rewards = []
     for response, label in zip(responses, labels):
         if label is None:  # prompts without a reference answer (prompt-collection)
@@ -329,8 +330,9 @@ def _tiny_model(config_cls, seed: int, **kw):
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
+    # head_dim 32: vLLM's CPU attention kernels have none for 16.
     config = config_cls(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
         max_position_embeddings=1024, initializer_range=0.02, **kw,
     )
     return AutoModelForCausalLM.from_config(config, dtype=torch.float32)

@@ -202,3 +202,59 @@ def test_hf_rollouts_stop_at_the_templates_end_token(llama3_chat, data):
     gen = HFGenerator(model, tok, RolloutConfig(generate_max_len=24, micro_rollout_batch_size=8)).generate([p.ids for p in prompts], greedy=True)
     assert all(gen.finished), [tok.decode(r) for r in gen.responses]
     assert all(r[-1] == eot and eot not in r[:-1] for r in gen.responses)
+
+
+def rl_args(model, data, out, *extra) -> list[str]:
+    """GRPO on GSM8K chat prompts (message lists with system turns) with the verifiable reward
+    file; 2 steps, greedy eval before, after each step."""
+    return [
+        "--pretrain", str(model), "--prompt_data", str(data["gsm8k_messages"]), "--input_key", "context_messages", "--label_key", "answer",
+        "--apply_chat_template", "--eval_prompt_data", str(data["gsm8k_messages"]), "--eval_every", "1",
+        "--reward_func", f"{data['gsm8k_reward']}:reward", "--advantage_estimator", "group_norm", "--n_samples_per_prompt", "2",
+        "--rollout_batch_size", "4", "--micro_rollout_batch_size", "8", "--train_batch_size", "8", "--micro_train_batch_size", "4",
+        "--generate_max_len", "24", "--prompt_max_len", "128", "--max_steps", "2", "--learning_rate", "1e-5", "--init_kl_coef", "0",
+        "--zero_stage", "2", "--save_path", str(out / "model"), "--ckpt_path", str(out / "ckpt"), *extra,
+    ]
+
+
+def reward_calls(log_prefix) -> list[dict]:
+    return [call for path in sorted(log_prefix.parent.glob(log_prefix.name + "*")) for call in read_jsonl(path)]
+
+
+def check_chat_rl_run(model, data, out, generate_max_len=24):
+    """What a chat-templated RL run must show: rollouts that end at <|eot_id|> (not cut by the
+    length limit), a greedy eval at the start and after every step, and a reward function that saw
+    the rendered chat prompt, the decoded response without special tokens, and the row's answer."""
+    records = read_jsonl(out / "model" / "metrics.jsonl")
+    steps = [r for r in records if "reward" in r]
+    evals = [r["eval_reward"] for r in records if "eval_reward" in r]
+    assert len(steps) == 2 and len(evals) == 3, records
+    for r in steps:
+        assert r["truncated"] <= 0.25 and r["response_length"] < generate_max_len, r
+    tok = load_tok(model)
+    answers = {
+        tok.apply_chat_template(row["context_messages"], add_generation_prompt=True, tokenize=False): row["answer"]
+        for row in rows_of(data["gsm8k_messages"])
+    }
+    calls = reward_calls(out / "rewards.jsonl")
+    assert len(calls) >= 2 * 3 + 2  # two ranks: 3 evals and 2 rollouts each
+    for call in calls:
+        for prompt, response, label in zip(call["prompts"], call["responses"], call["labels"]):
+            assert answers[prompt] == label  # the label is the answer of that very prompt's row
+            assert "<|" not in response, response  # decoded without the template's special tokens
+    return evals
+
+
+# PPO proper: a critic (GAE) and the KL penalty in the reward, so reference and critic see the chat ids too.
+PPO_FLAGS = ["--advantage_estimator", "gae", "--critic_learning_rate", "1e-4", "--init_kl_coef", "0.01"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["hf", "vllm"])
+@pytest.mark.parametrize("algo", ["grpo", "ppo"])
+def test_rl_on_chat_prompts(llama3_chat, data, tmp_path, backend, algo):
+    extra = ["--rollout_backend", "vllm", "--vllm_kv_cache_mb", "64"] if backend == "vllm" else []
+    extra += PPO_FLAGS if algo == "ppo" else []
+    run_trainer("rlhf.ppo", rl_args(llama3_chat, data, tmp_path, *extra), env={"RLHF_REWARD_LOG": str(tmp_path / "rewards.jsonl")})
+    evals = check_chat_rl_run(llama3_chat, data, tmp_path)
+    print("eval_reward", algo, backend, evals)
