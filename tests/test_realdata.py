@@ -258,3 +258,27 @@ def test_rl_on_chat_prompts(llama3_chat, data, tmp_path, backend, algo):
     run_trainer("rlhf.ppo", rl_args(llama3_chat, data, tmp_path, *extra), env={"RLHF_REWARD_LOG": str(tmp_path / "rewards.jsonl")})
     evals = check_chat_rl_run(llama3_chat, data, tmp_path)
     print("eval_reward", algo, backend, evals)
+
+
+@pytest.mark.parametrize("task", ["generate", "generate_vllm"])
+def test_batch_inference_with_a_chat_template(llama3_chat, data, tmp_path, task):
+    """rlhf.generate --apply_chat_template (issue 12 item 1: it crashed at start-up): greedy
+    answers to chat prompts, written with the rendered prompt, ending at the turn's end, scored
+    by the reward file against each row's answer."""
+    out = tmp_path / "gen.jsonl"
+    run_trainer("rlhf.generate", [
+        "--pretrain", str(llama3_chat), "--eval_task", task, "--dataset", str(data["gsm8k_messages"]), "--input_key", "context_messages",
+        "--label_key", "answer", "--apply_chat_template", "--temperature", "0", "--generate_max_len", "24", "--prompt_max_len", "128",
+        "--reward_func", f"{data['gsm8k_reward']}:reward", "--vllm_kv_cache_mb", "64", "--output_path", str(out),
+    ])
+    tok = load_tok(llama3_chat)
+    rows = rows_of(data["gsm8k_messages"])
+    records = read_jsonl(out)
+    assert len(records) == len(rows)
+    for row, record in zip(rows, records):
+        assert record["prompt"] == tok.apply_chat_template(row["context_messages"], add_generation_prompt=True, tokenize=False)
+        assert record["finished"] and "<|" not in record["output"], record
+        want = row["answer"].split("#### ")[-1]
+        assert record["reward"] == float(record["output"].rstrip(".").split()[-1] == want), record  # "The answer is N"
+    print(task, "greedy accuracy", sum(r["reward"] for r in records) / len(records))
+
