@@ -167,6 +167,7 @@ def train_pairs_by_file() -> dict[str, set[tuple[int, int]]]:
     """Every question each training file contains."""
     out = {
         "sft_train.jsonl": {pair_of(r["input"]) for r in read_jsonl("sft_train.jsonl")},
+        "sft_teacher_train.jsonl": {pair_of(r["input"]) for r in read_jsonl("sft_teacher_train.jsonl")},
         "conditional_train.jsonl": {pair_of(r["input"]) for r in read_jsonl("conditional_train.jsonl")},
         "prefs_train.jsonl": {pair_of(r["prompt"]) for r in read_jsonl("prefs_train.jsonl")},
         "kto_train.jsonl": {pair_of(r["prompt"]) for r in read_jsonl("kto_train.jsonl")},
@@ -210,6 +211,14 @@ def test_answers_and_labels_are_correct_sums():
     for line in equations:
         a, b, c = map(int, EQUATION.match(line).groups())
         assert a + b == c, line
+
+
+def test_teacher_answers_are_right_or_one_too_high():
+    """The imperfect teacher slips (answers a+b+1) on about 60% of rows and is otherwise right."""
+    rows = read_jsonl("sft_teacher_train.jsonl")
+    errors = [int(r["output"]) - int(answer(r["input"])) for r in rows]
+    assert set(errors) == {0, 1}
+    assert 0.55 < sum(errors) / len(rows) < 0.65
 
 
 def test_chat_train_is_about_a_third_two_turn():

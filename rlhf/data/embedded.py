@@ -27,6 +27,7 @@ EQUATIONS_PER_TEXT = 8  # pretrain.jsonl rows
 TWO_TURN_EVERY = 3  # every third chat_train row has two turns
 MAX_COND_ERROR = 3  # conditional_train.jsonl outputs are off by at most this much
 MAX_WRONG_OFFSET = 5  # rejected / undesirable answers are off by 1 .. this much
+TEACHER_SLIP_RATE = 0.6  # sft_teacher_train.jsonl: share of answers the imperfect teacher gives one too high
 
 Pair = tuple[int, int]
 Row = dict[str, Any]
@@ -51,6 +52,7 @@ training file. Wrong answers are never negative.
 | file | fields | content |
 |---|---|---|
 | `sft_train.jsonl`, `sft_eval.jsonl` | `input`, `output` | `{{"input": "12+7=", "output": "19"}}` |
+| `sft_teacher_train.jsonl` | `input`, `output` | an imperfect teacher's demonstrations: {int(TEACHER_SLIP_RATE * 100)}% of the answers are one too high (`"12+7="` -> `"20"`), the rest right. The README's main job fine-tunes on it, then RL with an exact-match reward corrects what imitation copied |
 | `chat_train.jsonl`, `chat_eval.jsonl` | `messages` | user/assistant turns; every third train row has two question/answer turns (multi-turn masking) |
 | `pretrain.jsonl` | `text` | {EQUATIONS_PER_TEXT} equations per row, each `a+b=c` and a newline |
 | `conditional_train.jsonl` | `input`, `output`, `score` | conditional SFT: half the outputs are correct, the rest off by 1-{MAX_COND_ERROR}; `score = max(0, 9 - 3 * abs(error))` (9, 6, 3 or 0) |
@@ -117,6 +119,18 @@ def offset_answer(correct: int, max_offset: int, rng: random.Random) -> int:
 
 def sft_rows(pairs: list[Pair], rng: random.Random) -> list[Row]:
     return [{"input": prompt_of(p), "output": str(answer_of(p))} for p in shuffled(pairs, rng)]
+
+
+def teacher_sft_rows(pairs: list[Pair], rng: random.Random) -> list[Row]:
+    """Demonstrations from an imperfect teacher: TEACHER_SLIP_RATE of its answers are one too
+    high (a+b+1), the rest right. SFT imitates the slip along with the skill, so greedy decoding
+    mostly repeats it, while sampling still finds the right sum often: the headroom that RL with a
+    verifier (exact match against the true sum) is there to take."""
+    rows = []
+    for pair in shuffled(pairs, rng):
+        answer = answer_of(pair) + (1 if rng.random() < TEACHER_SLIP_RATE else 0)
+        rows.append({"input": prompt_of(pair), "output": str(answer)})
+    return rows
 
 
 def chat_turn(pair: Pair) -> list[Row]:
@@ -192,6 +206,7 @@ Builder = Callable[[list[Pair], random.Random], list[Row]]
 FILES: dict[str, tuple[str, Builder]] = {
     "sft_train.jsonl": ("train", sft_rows),
     "sft_eval.jsonl": ("eval", sft_rows),
+    "sft_teacher_train.jsonl": ("train", teacher_sft_rows),
     "chat_train.jsonl": ("train", lambda pairs, rng: chat_rows(pairs, rng, two_turn_every=TWO_TURN_EVERY)),
     "chat_eval.jsonl": ("eval", chat_rows),
     "pretrain.jsonl": ("train", pretrain_rows),
