@@ -6,8 +6,9 @@ needs no account or network, lives next to the exported model (``KEEP_ON_EXPORT`
 ``plot_metrics`` draws. wandb is an extra sink; ``WANDB_MODE=offline`` (wandb's own variable)
 writes the run under ``<metrics folder>/wandb/`` for a later ``wandb sync``.
 
-Metric names the progress bar knows: ``loss``, ``lr`` and ``tokens_per_s``; anything else is
-only written to the file and to wandb.
+The progress bar shows the metrics named by ``bar_keys`` that a record has (by default loss,
+reward, KL, response length, lr and tokens/s: a trainer shows those it logs); every metric is
+written to the file and to wandb.
 """
 
 from __future__ import annotations
@@ -17,19 +18,33 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 from rlhf.config import LoggingConfig
 from rlhf.errors import UserError
 
 RESERVED_KEYS = ("step", "time")
 
-# (metric name, label on the progress bar, formatter)
-_BAR_FIELDS = (
-    ("loss", "loss", lambda v: f"{v:.4g}"),
-    ("lr", "lr", lambda v: f"{v:.2e}"),
-    ("tokens_per_s", "tok/s", lambda v: _si(v)),
-)
+# metric name -> (label on the progress bar, formatter); other metrics show as name=%.4g
+_BAR_FORMATS = {
+    "loss": ("loss", lambda v: f"{v:.4g}"),
+    "reward": ("reward", lambda v: f"{v:.3g}"),
+    "kl": ("kl", lambda v: f"{v:.3g}"),
+    "response_length": ("len", lambda v: f"{v:.1f}"),
+    "lr": ("lr", lambda v: f"{v:.2e}"),
+    "tokens_per_s": ("tok/s", lambda v: _si(v)),
+}
+DEFAULT_BAR_KEYS = ("loss", "reward", "kl", "response_length", "lr", "tokens_per_s")
+
+
+def bar_text(values: Mapping[str, Any], keys: Sequence[str]) -> str:
+    """'reward=0.5 kl=0.012 len=7.0 lr=1.00e-05': the ``keys`` that ``values`` has, in that order."""
+    parts = []
+    for key in keys:
+        if _is_number(values.get(key)):
+            label, fmt = _BAR_FORMATS.get(key, (key, lambda v: f"{v:.4g}"))
+            parts.append(f"{label}={fmt(values[key])}")
+    return " ".join(parts)
 
 
 def _si(value: float) -> str:
@@ -61,6 +76,7 @@ class MetricsLogger:
         total_steps: optimizer steps of the whole run, the bar's total.
         enabled: false on every rank but 0.
         resumed: the run continues from a checkpoint: append instead of starting the file anew.
+        bar_keys: the metrics shown on the progress bar, in order, when a record has them.
     """
 
     def __init__(
@@ -72,7 +88,9 @@ class MetricsLogger:
         total_steps: int,
         enabled: bool = True,
         resumed: bool = False,
+        bar_keys: Sequence[str] = DEFAULT_BAR_KEYS,
     ) -> None:
+        self.bar_keys = tuple(bar_keys)
         self.path = path
         self.enabled = enabled
         self._file = None
@@ -111,9 +129,9 @@ class MetricsLogger:
             # resumed step.
             if step > self._bar.n:
                 self._bar.update(step - self._bar.n)
-            postfix = [f"{label}={fmt(values[k])}" for k, label, fmt in _BAR_FIELDS if _is_number(values.get(k))]
+            postfix = bar_text(values, self.bar_keys)
             if postfix:
-                self._bar.set_postfix_str(" ".join(postfix), refresh=True)
+                self._bar.set_postfix_str(postfix, refresh=True)
 
     def close(self) -> None:
         """Finish the wandb run (writes the offline run files) and close the bar and the file."""
@@ -208,8 +226,20 @@ def metric_series(records: Sequence[Mapping[str, Any]], key: str) -> tuple[list[
     return steps, [by_step[s] for s in steps]
 
 
-def plot_metrics(path: str, keys: Sequence[str], out_png: str) -> str:
+def run_title(path: str, title: Optional[str] = None) -> str:
+    """A plot's title: ``title``, else the folder of the metrics file as given (the run's
+    --save_path), absolute when the file sits in the working directory."""
+    if title:
+        return title
+    folder = Path(path).parent
+    return str(folder if str(folder) != "." else folder.resolve())
+
+
+def plot_metrics(path: str, keys: Sequence[str], out_png: str, title: Optional[str] = None) -> str:
     """Draw each metric in ``keys`` against the step (one panel per metric) into ``out_png``.
+
+    The title names the run: ``title`` (e.g. the wandb run name), else the folder holding the
+    metrics file, which is the run's --save_path.
 
     Uses matplotlib's Agg canvas directly, never pyplot, so it works without a display and does
     not change the process-wide backend of a caller that has one. Returns ``out_png``.
@@ -235,7 +265,7 @@ def plot_metrics(path: str, keys: Sequence[str], out_png: str) -> str:
         ax.set_ylabel(key)
         ax.grid(True, alpha=0.3)
     axes[-1].set_xlabel("step")
-    axes[0].set_title(Path(path).name)
+    axes[0].set_title(run_title(path, title))
 
     out = Path(out_png)
     out.parent.mkdir(parents=True, exist_ok=True)

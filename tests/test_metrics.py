@@ -188,3 +188,29 @@ def test_wandb_offline_run_holds_the_logged_values(tmp_path, monkeypatch):
     assert {k: config[k] for k in run_config} == run_config
     (run,) = [r.run for r in read_wandb_records(run_files[0]) if r.WhichOneof("record_type") == "run"]
     assert (run.project, run.display_name) == ("rlhf-test", "sft-offline")
+
+
+def test_progress_bar_shows_what_the_trainer_logs():
+    """PPO's bar shows reward, KL and response length (it showed only lr); SFT's stays loss, lr,
+    tok/s; a caller may choose the keys and their order."""
+    from rlhf.metrics import DEFAULT_BAR_KEYS, bar_text
+
+    ppo = {"reward": 0.5, "kl": 0.0123, "response_length": 7.25, "policy_loss": -0.1, "lr": 1e-5}
+    assert bar_text(ppo, DEFAULT_BAR_KEYS) == "reward=0.5 kl=0.0123 len=7.2 lr=1.00e-05"
+    assert bar_text({"loss": 1.23456, "lr": 2e-4, "tokens_per_s": 1530.0, "grad_norm": 3.0}, DEFAULT_BAR_KEYS) == "loss=1.235 lr=2.00e-04 tok/s=1.5k"
+    assert bar_text(ppo, ["policy_loss", "kl"]) == "policy_loss=-0.1 kl=0.0123"
+    assert bar_text({"reward": float("nan"), "kl": True}, DEFAULT_BAR_KEYS) == ""  # no NaN or bool on the bar
+
+
+def test_progress_bar_keys_are_the_callers(tmp_path):
+    with MetricsLogger(str(tmp_path / "m.jsonl"), LoggingConfig(), {}, "ppo", total_steps=1, bar_keys=["kl"]) as logger:
+        logger.log(1, {"reward": 0.5, "kl": 0.25})
+        assert logger._bar.postfix == "kl=0.25"
+
+
+def test_plot_title_names_the_run(tmp_path):
+    from rlhf.metrics import run_title
+
+    assert run_title("outputs/grpo_tiny/model/metrics.jsonl") == "outputs/grpo_tiny/model"
+    assert run_title("outputs/grpo_tiny/model/metrics.jsonl", "grpo-seed1") == "grpo-seed1"
+    assert run_title("metrics.jsonl") == str(Path.cwd())
