@@ -282,3 +282,36 @@ def test_batch_inference_with_a_chat_template(llama3_chat, data, tmp_path, task)
         assert record["reward"] == float(record["output"].rstrip(".").split()[-1] == want), record  # "The answer is N"
     print(task, "greedy accuracy", sum(r["reward"] for r in records) / len(records))
 
+
+
+# ----------------------------------------------------------------------------------------------
+# Every trainer on the shape it is used with: (trainer, dataset, family, flags)
+
+COMMON = ["--max_steps", "2", "--micro_train_batch_size", "2", "--train_batch_size", "2", "--max_len", "256", "--learning_rate", "1e-4", "--lr_warmup_ratio", "0", "--zero_stage", "2"]
+SHAPES = {
+    "sft-chat-qwen2": ("rlhf.sft", "chat", "qwen2", ["--input_key", "messages", "--output_key", "None", "--apply_chat_template"]),
+    "sft-chat-llama3": ("rlhf.sft", "chat", "llama3", ["--input_key", "messages", "--output_key", "None", "--apply_chat_template"]),
+    "sft-openorca-llama3": ("rlhf.sft", "openorca", "llama3", ["--input_key", "question", "--output_key", "response", "--packing_samples"]),
+    "sft-alpaca-qwen2": ("rlhf.sft", "alpaca", "qwen2", ["--input_key", "input", "--output_key", "output", "--input_template", "### Instruction:\nAnswer the question below.\n\n### Input:\n{}\n\n### Response:\n"]),
+    "rm-hh-llama3": ("rlhf.rm", "hh_rlhf", "llama3", ["--prompt_key", "None"]),
+    "rm-ultrafeedback-snapshot-qwen2": ("rlhf.rm", "ultrafeedback_snapshot", "qwen2", ["--train_split", "train_prefs", "--eval_split", "test_prefs", "--chosen_key", "chosen", "--rejected_key", "rejected", "--apply_chat_template"]),
+    "dpo-ultrafeedback-llama3": ("rlhf.dpo", "ultrafeedback", "llama3", ["--chosen_key", "chosen", "--rejected_key", "rejected", "--apply_chat_template", "--beta", "0.1"]),
+    "dpo-hh-qwen2": ("rlhf.dpo", "hh_rlhf", "qwen2", ["--prompt_key", "None"]),
+    "kto-mix-llama3": ("rlhf.kto", "kto_mix", "llama3", ["--input_key", "prompt", "--output_key", "completion", "--label_key", "label", "--apply_chat_template"]),
+    "kto-mix-qwen2": ("rlhf.kto", "kto_mix", "qwen2", ["--input_key", "prompt", "--output_key", "completion", "--label_key", "label", "--apply_chat_template"]),
+}
+
+
+@pytest.mark.parametrize("name", list(SHAPES))
+def test_trainer_runs_on_real_shape(families, data, tmp_path, name):
+    module, shape, family, flags = SHAPES[name]
+    eval_flags = ["--eval_dataset", str(data[shape])] if shape == "ultrafeedback_snapshot" else ["--eval_holdout_ratio", "0.25"]
+    run_trainer(module, [
+        "--pretrain", str(families[family]), "--dataset", str(data[shape]), *eval_flags, *COMMON, *flags,
+        "--save_path", str(tmp_path / "model"), "--ckpt_path", str(tmp_path / "ckpt"),
+    ], nproc=0)
+    records = read_jsonl(tmp_path / "model" / "metrics.jsonl")
+    losses = [r["loss"] for r in records if "loss" in r]
+    assert len(losses) == 2 and all(loss == loss and abs(loss) < 1e3 for loss in losses), records
+    assert any(key.startswith("eval_") for r in records for key in r), records
+    assert (tmp_path / "model" / "config.json").is_file()
