@@ -251,6 +251,9 @@ def validate_sections(config: Any) -> None:
         section = getattr(config, f.name)
         if dataclasses.is_dataclass(section):
             section.validate()
+    model, train = getattr(config, "model", None), getattr(config, "train", None)
+    if isinstance(model, ModelConfig) and isinstance(train, TrainConfig) and model.bf16 and train.zero_stage == 0:
+        raise UserError("--bf16 needs --zero_stage 1, 2 or 3: DeepSpeed keeps bf16 training's fp32 master weights and gradients in the ZeRO optimizer; use --zero_stage 1")
 
 
 @dataclass
@@ -262,9 +265,15 @@ class SFTConfig:
     train: Annotated[TrainConfig, Flat] = field(default_factory=TrainConfig)
     ckpt: Annotated[CheckpointConfig, Flat] = field(default_factory=CheckpointConfig)
     log: Annotated[LoggingConfig, Flat] = field(default_factory=LoggingConfig)
+    multiturn: bool = False
+    """Chat rows: the loss covers every assistant turn of the messages list in --input_key (OpenRLHF's flag; the same as --output_key None, needs --apply_chat_template)."""
 
     def validate(self) -> None:
         validate_sections(self)
+        if self.multiturn:
+            if not self.data.apply_chat_template:
+                raise UserError("--multiturn needs --apply_chat_template: the turns of the messages list are rendered with the tokenizer's chat template")
+            self.data.output_key = None
 
 
 @dataclass
@@ -305,6 +314,11 @@ class RMConfig:
             raise UserError("--packing_samples is not supported by rlhf.rm: the score is read at each sequence's last token of a padded batch")
 
 
+def check_ref_offload(cfg: Any) -> None:
+    if cfg.ref_offload and cfg.model.lora_rank > 0 and cfg.ref_pretrain is None:
+        raise UserError("--ref_offload: with --lora_rank the reference is the trained model with its adapter off, there is no separate copy to offload; drop --ref_offload (or give --ref_pretrain)")
+
+
 @dataclass
 class DPOConfig:
     """Direct preference optimisation: DPO (sigmoid), IPO, cDPO (--label_smoothing)."""
@@ -326,6 +340,8 @@ class DPOConfig:
     """Reference model (default: --pretrain). With LoRA the reference is the base with the adapter off."""
     ref_mode: Literal["engine", "precompute"] = "engine"
     """engine: a frozen reference model on the same ranks; precompute: reference log-probs computed once in a first pass and cached."""
+    ref_offload: bool = False
+    """Keep the reference model's weights in CPU memory between its forwards (DeepSpeed ZeRO-3 parameter offload)."""
 
     def validate(self) -> None:
         validate_sections(self)
@@ -337,6 +353,7 @@ class DPOConfig:
             raise UserError("--label_smoothing (cDPO) applies to --loss_type sigmoid only")
         if self.nll_loss_coef < 0:
             raise UserError(f"--nll_loss_coef must be >= 0, got {self.nll_loss_coef}")
+        check_ref_offload(self)
 
 
 @dataclass
@@ -356,6 +373,8 @@ class KTOConfig:
     """Weight of undesirable (label false) examples (lambda_U)."""
     ref_pretrain: Optional[str] = None
     """Reference model (default: --pretrain)."""
+    ref_offload: bool = False
+    """Keep the reference model's weights in CPU memory between its forwards (DeepSpeed ZeRO-3 parameter offload)."""
     eval_pairs: Optional[str] = None
     """Preference pairs (prompt/chosen/rejected) on which to report the implicit reward's pair accuracy and margin during KTO eval"""
 
@@ -365,6 +384,7 @@ class KTOConfig:
             raise UserError(f"--beta must be > 0, got {self.beta}")
         if self.desirable_loss_weight <= 0 or self.undesirable_loss_weight <= 0:
             raise UserError("--desirable_loss_weight and --undesirable_loss_weight must be > 0")
+        check_ref_offload(self)
 
 
 @dataclass
@@ -445,6 +465,8 @@ class RolloutConfig:
     """CPU: KV-cache size per engine in MiB (vLLM would otherwise take most of the RAM)."""
     vllm_enable_sleep: bool = False
     """GPU: free vLLM's memory while training and wake it for each rollout (a no-op on CPU)."""
+    max_num_seqs: Optional[int] = None
+    """vLLM: most sequences per engine step (vLLM's max_num_seqs; default vLLM's own, 256)."""
     vllm_is_truncation: Optional[float] = None
     """Truncated importance sampling: weight each token's policy loss by min(pi_actor / pi_vllm, C) for this C, correcting for the two engines' numerics."""
 
@@ -456,6 +478,8 @@ class RolloutConfig:
             raise UserError(f"--temperature must be >= 0 (0 = greedy), got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise UserError(f"--top_p must be in (0, 1], got {self.top_p}")
+        if self.max_num_seqs is not None and self.max_num_seqs < 1:
+            raise UserError(f"--max_num_seqs must be >= 1, got {self.max_num_seqs}")
         if self.weight_sync_bucket_mb <= 0:
             raise UserError(f"--weight_sync_bucket_mb must be > 0, got {self.weight_sync_bucket_mb}")
         if self.vllm_tensor_parallel_size < 1 or self.vllm_kv_cache_mb <= 0 or not 0 < self.vllm_gpu_memory_utilization <= 1:
@@ -687,7 +711,7 @@ class InferenceConfig:
     """Mixing weights for the --dataset sources."""
     input_key: str = "input"
     """Row field with the prompt text (or a messages list with --apply_chat_template)."""
-    output_key: Optional[str] = None
+    output_key: Optional[str] = "output"
     """--eval_task rm: row field with the response to score."""
     label_key: Optional[str] = None
     """Row field passed to --reward_func as the label."""
@@ -715,15 +739,31 @@ class InferenceConfig:
     """Normalise reward-model scores with the mean/std stored by rlhf.rm."""
     output_path: str = "./outputs/generate.jsonl"
     """JSON-lines file written in input order: inputs, outputs and scores."""
+    iter: Optional[int] = None
+    """Round K of an iterative loop (OpenRLHF's flag): use only rows [K x --rollout_batch_size, (K+1) x --rollout_batch_size) of the dataset."""
+    post_processor: Optional[Literal["rs", "csft", "ca", "iter_dpo"]] = None
+    """Rewrite the scored rows before writing (OpenRLHF's processors): rs keeps each prompt's best response {input, output, reward}; csft (ca) writes the score into the prompt '{input} <rm_score>: {reward:.2f} ' (z-scored over the rows with --normalize_reward); iter_dpo writes each prompt's best and worst response as a preference pair {prompt, chosen, rejected, chosen_reward, rejected_reward}."""
+    max_len: Optional[int] = None
+    """--eval_task rm: longest prompt + response in tokens; a longer response is cut to fit and keeps its final EOS (OpenRLHF's --max_len). Generation is bounded by --prompt_max_len and --generate_max_len."""
+    zero_stage: int = 0
+    """OpenRLHF's inference ZeRO stage: each rank here holds a full copy of each model, which is ZeRO stage 0 (the only value accepted)."""
 
     def validate(self) -> None:
         if self.best_of_n < 1 or self.micro_batch_size < 1 or self.prompt_max_len < 1:
             raise UserError("--best_of_n, --micro_batch_size and --prompt_max_len must be >= 1")
+        if self.zero_stage != 0:
+            raise UserError(f"--zero_stage {self.zero_stage}: batch inference holds a full copy of each model per rank (ZeRO 0); sharded inference is not supported: use --zero_stage 0 (fit a large model with --bf16 or --eval_task generate_vllm --tp_size N)")
+        if self.iter is not None and self.iter < 0:
+            raise UserError(f"--iter must be >= 0, got {self.iter}")
+        if self.max_len is not None and self.max_len < 2:
+            raise UserError(f"--max_len must be >= 2, got {self.max_len}")
         if self.eval_task == "rm":
             if not self.output_key:
                 raise UserError("--eval_task rm scores responses: give --output_key (the row field holding them)")
             if not (self.reward_pretrain or self.reward_func):
                 raise UserError("--eval_task rm needs --reward_pretrain MODEL[,MODEL...] and/or --reward_func module:function")
+        if self.post_processor and not (self.reward_pretrain or self.reward_func):
+            raise UserError(f"--post_processor {self.post_processor} works on scored rows: give --reward_pretrain MODEL and/or --reward_func module:function (or --eval_task rm --pretrain RM)")
         if self.normalize_reward and not self.reward_pretrain:
             raise UserError("--normalize_reward normalises reward-model scores, but no --reward_pretrain is given: drop the flag or add a reward model")
 
@@ -745,6 +785,8 @@ class GenerateConfig:
     """Sampling seed."""
 
     def validate(self) -> None:
+        if self.task.eval_task == "rm" and not (self.task.reward_pretrain or self.task.reward_func):
+            self.task.reward_pretrain = self.model.pretrain  # OpenRLHF's rm task scores with the --pretrain model
         validate_sections(self)
 
 
@@ -895,6 +937,8 @@ def translate_openrlhf_flags(cls: type, args: Sequence[str]) -> list[str]:
         if flag in always_on:
             i += 1
             continue
+        if aliases.get(flag) == ("--use_wandb",):
+            flag = "--use_wandb"  # OpenRLHF 0.2's --wandb [TOKEN]
         if flag in aliases:
             out.extend(aliases[flag])
             if eq:

@@ -119,7 +119,7 @@ def load_reference(cfg: DPOConfig, engine: TrainEngine, dp: int) -> tuple[Forwar
     )
     model = load_causal_lm(ref_cfg, flag="--ref_pretrain" if cfg.ref_pretrain else "--pretrain")
     params = sum(p.numel() for p in model.parameters())
-    ref = FrozenEngine(model, cfg.train, bf16=cfg.model.bf16, dp_size=dp)
+    ref = FrozenEngine(model, cfg.train, bf16=cfg.model.bf16, dp_size=dp, offload=cfg.ref_offload)
     return ref.forward, ref, params
 
 

@@ -116,12 +116,17 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     # 2. Data: every rank reads the rows, takes every world-th one.
     tokenizer = load_tokenizer(cfg.model)
     prompts = load_prompts(task.dataset, task.dataset_probs, tokenizer, task.prompt_data(), cfg.seed)
+    if task.iter is not None:  # round K of an iterative loop takes its own slice of the rows
+        size = cfg.rollout.rollout_batch_size
+        prompts = prompts[task.iter * size : (task.iter + 1) * size]
+        if not prompts:
+            raise UserError(f"--iter {task.iter} x --rollout_batch_size {size}: past the end of the dataset")
     mine = list(range(rank, len(prompts), world))
 
     # 3. Responses: generated (best_of_n per row), or read from --output_key.
     if task.eval_task == "rm":
         jobs = [(i, 0) for i in mine]
-        responses = [responses_from_row(prompts[i], task.output_key, tokenizer) for i in mine]
+        responses = [responses_from_row(prompts[i], task.output_key, tokenizer, task.max_len) for i in mine]
         finished = [True] * len(jobs)
     else:
         generator = make_generator(cfg, tokenizer, world, rank)
@@ -133,7 +138,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     scorer = ResponseScorer(cfg, tokenizer)
     records = []
     for (i, k), response, done in zip(jobs, responses, finished):
-        records.append({**prompts[i].row, "prompt": prompts[i].text, "output": tokenizer.decode(response, skip_special_tokens=True), "finished": done, "_row": i, "_sample": k})
+        # `input` is the prompt as the model saw it unless the row has its own (OpenRLHF's layout:
+        # the file feeds --eval_task rm and rlhf.sft with their default keys).
+        records.append({"input": prompts[i].text, **prompts[i].row, "prompt": prompts[i].text, "output": tokenizer.decode(response, skip_special_tokens=True), "finished": done, "_row": i, "_sample": k})
     if scorer.active and jobs:
         reward, per_source = scorer([prompts[i] for i, _ in jobs], responses)
         for record, r, sources in zip(records, reward.tolist(), per_source.tolist()):
@@ -144,17 +151,63 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     if scorer.active and task.best_of_n > 1:
         mark_best(everything)
     if launch.is_rank0:
-        write_jsonl_atomic(task.output_path, [{k: v for k, v in r.items() if not k.startswith("_")} for r in everything])
-        print(f"wrote {len(everything)} records to {task.output_path}", flush=True)
+        rows = [{k: v for k, v in r.items() if not k.startswith("_")} for r in everything]
+        if task.post_processor:
+            rows = POST_PROCESSORS[task.post_processor](rows, task)
+        write_jsonl_atomic(task.output_path, rows)
+        print(f"wrote {len(rows)} records to {task.output_path}", flush=True)
     dist.barrier()
 
 
-def responses_from_row(prompt: Prompt, key: str, tokenizer) -> list[int]:
-    """The row's response text as token ids, ending with EOS as a generated one would."""
+def responses_from_row(prompt: Prompt, key: str, tokenizer, max_len: Optional[int] = None) -> list[int]:
+    """The row's response text as token ids, ending with EOS as a generated one would; with
+    ``max_len``, cut so that prompt + response fit, the last kept token replaced by EOS."""
     text = prompt.row.get(key)
     if not isinstance(text, str):
         raise UserError(f"--output_key {key!r}: row has no text field of that name (fields: {', '.join(sorted(prompt.row))})")
-    return encode_rendered(tokenizer, text) + [tokenizer.eos_token_id]
+    ids = encode_rendered(tokenizer, text) + [tokenizer.eos_token_id]
+    if max_len is not None and len(prompt.ids) + len(ids) > max_len:
+        ids = ids[: max(1, max_len - len(prompt.ids)) - 1] + [tokenizer.eos_token_id]
+    return ids
+
+
+# ----------------------------------------------------------------------------------------------
+# --post_processor: OpenRLHF's rewrites of scored rows (rejection sampling, conditional SFT,
+# iterative DPO). Rows are grouped by `prompt`, the text the model saw; ties keep the first.
+
+
+def best_per_prompt(rows: list[dict], task) -> list[dict]:
+    """rs: each prompt's highest-reward response, as SFT rows {input, output, reward}."""
+    best: dict[str, dict] = {}
+    for r in rows:
+        if r["prompt"] not in best or r["reward"] > best[r["prompt"]]["reward"]:
+            best[r["prompt"]] = r
+    return [{"input": r["prompt"], "output": r["output"], "reward": r["reward"]} for r in best.values()]
+
+
+def score_in_prompt(rows: list[dict], task) -> list[dict]:
+    """csft: every row with its score written after the prompt (z-scored over the rows with
+    --normalize_reward, as OpenRLHF's processor does)."""
+    rewards = torch.tensor([float(r["reward"]) for r in rows], dtype=torch.float64)
+    if task.normalize_reward and len(rows) > 1:
+        rewards = (rewards - rewards.mean()) / rewards.std().clamp(min=1e-12)
+    return [{"input": f"{r['prompt']} <rm_score>: {reward:.2f} ", "output": r["output"], "reward": reward} for r, reward in zip(rows, rewards.tolist())]
+
+
+def best_and_worst_pair(rows: list[dict], task) -> list[dict]:
+    """iter_dpo: each prompt's best and worst response as a preference pair."""
+    groups: dict[str, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(r["prompt"], []).append(r)
+    pairs = []
+    for prompt, group in groups.items():
+        chosen = max(group, key=lambda r: r["reward"])  # max/min keep the first of equal rewards
+        rejected = min(group, key=lambda r: r["reward"])
+        pairs.append({"prompt": prompt, "chosen": chosen["output"], "chosen_reward": chosen["reward"], "rejected": rejected["output"], "rejected_reward": rejected["reward"]})
+    return pairs
+
+
+POST_PROCESSORS = {"rs": best_per_prompt, "csft": score_in_prompt, "ca": score_in_prompt, "iter_dpo": best_and_worst_pair}
 
 
 def mark_best(records: list[dict]) -> None:
