@@ -86,12 +86,14 @@ def stream_hf(model, tokenizer, ids: list[int], cfg: ChatConfig) -> str:
     import torch
     from transformers import TextIteratorStreamer
 
+    from rlhf.rollout.hf import stop_token_ids
+
     streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     sampling = {"do_sample": True, "temperature": cfg.temperature, "top_p": cfg.top_p} if cfg.temperature > 0 else {"do_sample": False}
     inputs = torch.tensor([ids], device=model.device)
     worker = threading.Thread(target=model.generate, kwargs=dict(
         input_ids=inputs, attention_mask=torch.ones_like(inputs), max_new_tokens=max(1, min(cfg.max_new_tokens, cfg.max_len - len(ids))), streamer=streamer,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **sampling,
+        eos_token_id=stop_token_ids(tokenizer, model.generation_config), pad_token_id=tokenizer.pad_token_id, **sampling,
     ))
     worker.start()
     parts = []

@@ -315,3 +315,20 @@ def test_trainer_runs_on_real_shape(families, data, tmp_path, name):
     assert len(losses) == 2 and all(loss == loss and abs(loss) < 1e3 for loss in losses), records
     assert any(key.startswith("eval_") for r in records for key in r), records
     assert (tmp_path / "model" / "config.json").is_file()
+
+
+def test_chat_reply_ends_at_the_turn_end(llama3_chat):
+    """rlhf.chat with a Llama-3-style model: the reply stops at <|eot_id|> instead of running on
+    into a made-up next turn (its tokenizer's EOS is <|end_of_text|>)."""
+    import subprocess
+    import sys
+
+    from helpers import REPO, trainer_env
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "rlhf.chat", str(llama3_chat), "--max_new_tokens", "40"], input="What do bees make?\n/exit\n",
+        cwd=REPO, env=trainer_env(), capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    [reply] = [line for line in proc.stdout.splitlines() if line.startswith("User: Assistant: ") or line.startswith("Assistant: ")]
+    assert reply.endswith("Assistant: Bees make honey."), proc.stdout
