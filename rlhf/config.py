@@ -743,20 +743,12 @@ class InferenceConfig:
     """Round K of an iterative loop (OpenRLHF's flag): use only rows [K x --rollout_batch_size, (K+1) x --rollout_batch_size) of the dataset."""
     post_processor: Optional[Literal["rs", "csft", "ca", "iter_dpo"]] = None
     """Rewrite the scored rows before writing (OpenRLHF's processors): rs keeps each prompt's best response {input, output, reward}; csft (ca) writes the score into the prompt '{input} <rm_score>: {reward:.2f} ' (z-scored over the rows with --normalize_reward); iter_dpo writes each prompt's best and worst response as a preference pair {prompt, chosen, rejected, chosen_reward, rejected_reward}."""
-    max_len: Optional[int] = None
-    """--eval_task rm: longest prompt + response in tokens; a longer response is cut to fit and keeps its final EOS (OpenRLHF's --max_len). Generation is bounded by --prompt_max_len and --generate_max_len."""
-    zero_stage: int = 0
-    """OpenRLHF's inference ZeRO stage: each rank here holds a full copy of each model, which is ZeRO stage 0 (the only value accepted)."""
 
     def validate(self) -> None:
         if self.best_of_n < 1 or self.micro_batch_size < 1 or self.prompt_max_len < 1:
             raise UserError("--best_of_n, --micro_batch_size and --prompt_max_len must be >= 1")
-        if self.zero_stage != 0:
-            raise UserError(f"--zero_stage {self.zero_stage}: batch inference holds a full copy of each model per rank (ZeRO 0); sharded inference is not supported: use --zero_stage 0 (fit a large model with --bf16 or --eval_task generate_vllm --tp_size N)")
         if self.iter is not None and self.iter < 0:
             raise UserError(f"--iter must be >= 0, got {self.iter}")
-        if self.max_len is not None and self.max_len < 2:
-            raise UserError(f"--max_len must be >= 2, got {self.max_len}")
         if self.eval_task == "rm":
             if not self.output_key:
                 raise UserError("--eval_task rm scores responses: give --output_key (the row field holding them)")
@@ -783,8 +775,16 @@ class GenerateConfig:
     rollout: Annotated[RolloutConfig, Flat] = field(default_factory=RolloutConfig)
     seed: int = 42
     """Sampling seed."""
+    max_len: Optional[int] = None
+    """--eval_task rm: longest prompt + response in tokens; a longer response is cut to fit and keeps its final EOS (OpenRLHF's --max_len). Generation is bounded by --prompt_max_len and --generate_max_len."""
+    zero_stage: int = 0
+    """OpenRLHF's inference ZeRO stage: each rank here holds a full copy of each model, which is ZeRO stage 0 (the only value accepted)."""
 
     def validate(self) -> None:
+        if self.zero_stage != 0:
+            raise UserError(f"--zero_stage {self.zero_stage}: batch inference holds a full copy of each model per rank (ZeRO 0); sharded inference is not supported: use --zero_stage 0 (fit a large model with --bf16 or --eval_task generate_vllm --tp_size N)")
+        if self.max_len is not None and self.max_len < 2:
+            raise UserError(f"--max_len must be >= 2, got {self.max_len}")
         if self.task.eval_task == "rm" and not (self.task.reward_pretrain or self.task.reward_func):
             self.task.reward_pretrain = self.model.pretrain  # OpenRLHF's rm task scores with the --pretrain model
         validate_sections(self)

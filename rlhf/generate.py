@@ -126,7 +126,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     # 3. Responses: generated (best_of_n per row), or read from --output_key.
     if task.eval_task == "rm":
         jobs = [(i, 0) for i in mine]
-        responses = [responses_from_row(prompts[i], task.output_key, tokenizer, task.max_len) for i in mine]
+        responses = [responses_from_row(prompts[i], task.output_key, tokenizer, cfg.max_len) for i in mine]
         finished = [True] * len(jobs)
     else:
         generator = make_generator(cfg, tokenizer, world, rank)
