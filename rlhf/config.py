@@ -91,7 +91,7 @@ class DataConfig:
     output_key: Optional[str] = "output"
     """Row field holding the response; None when --input_key holds a whole chat."""
     input_template: Optional[str] = None
-    """Python format string applied to the prompt, e.g. 'User: {}\\nAssistant: '."""
+    """Python format string applied to the prompt, e.g. 'User: {}\\nAssistant: '; '{field}' inserts that row field (alpaca: '{instruction}\\n\\n{}')."""
     apply_chat_template: bool = False
     """Render prompt/response or messages with the tokenizer's chat template."""
     tokenizer_chat_template: Optional[str] = None
@@ -404,7 +404,7 @@ class PromptDataConfig:
     label_key: Optional[str] = "label"
     """Row field passed to reward functions as the label (reference answer); None for none."""
     input_template: Optional[str] = None
-    """Python format string applied to the prompt text."""
+    """Python format string applied to the prompt text ('{}'); '{field}' inserts that row field."""
     apply_chat_template: bool = False
     """Render prompts with the tokenizer's chat template (with the generation prompt)."""
     tokenizer_chat_template: Optional[str] = None
@@ -716,7 +716,7 @@ class InferenceConfig:
     label_key: Optional[str] = None
     """Row field passed to --reward_func as the label."""
     input_template: Optional[str] = None
-    """Python format string applied to the prompt text."""
+    """Python format string applied to the prompt text ('{}'); '{field}' inserts that row field."""
     apply_chat_template: bool = False
     """Render prompts with the tokenizer's chat template (with the generation prompt)."""
     tokenizer_chat_template: Optional[str] = None
@@ -825,6 +825,8 @@ class RejectionSamplingConfig:
         validate_sections(self)
         if self.task.eval_task == "rm":
             raise UserError("--eval_task rm: rejection sampling generates; use generate or generate_vllm")
+        if self.task.iter is not None or self.task.post_processor:
+            raise UserError("--iter / --post_processor belong to rlhf.generate's loop of separate commands; rlhf.rejection_sampling runs its rounds itself (--iterations) and keeps the best itself (--keep)")
         if not (self.task.reward_pretrain or self.task.reward_func):
             raise UserError("rejection sampling needs a reward: --reward_pretrain MODEL and/or --reward_func module:function")
 

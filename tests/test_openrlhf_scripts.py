@@ -412,3 +412,11 @@ def test_ported_interactive_chat_script_runs():
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Assistant: " in proc.stdout
+
+
+def test_rejection_sampling_refuses_the_batch_inference_loop_flags():
+    from rlhf.config import RejectionSamplingConfig
+
+    for flags in (["--iter", "1"], ["--post_processor", "rs"]):
+        with pytest.raises(UserError, match="rlhf.rejection_sampling runs its rounds itself"):
+            parse_config(RejectionSamplingConfig, ["--reward_func", "rlhf.rewards:exact_match", *flags])
