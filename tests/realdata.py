@@ -105,8 +105,9 @@ def openorca_rows(n: int = 8) -> list[dict]:
 
 
 def alpaca_rows(n: int = 8) -> list[dict]:
-    """tatsu-lab/alpaca: an instruction and a non-empty input (the input carries the content)."""
-    return [{"instruction": "Answer the question below.", "input": q, "output": good} for q, good, _ in _pairs(n)]
+    """tatsu-lab/alpaca: an instruction and a non-empty input (the prompt is both together)."""
+    instructions = ("Answer the question below.", "Answer in one sentence.", "Réponds à la question.")
+    return [{"instruction": instructions[i % 3], "input": q, "output": good} for i, (q, good, _) in enumerate(_pairs(n))]
 
 
 def chat_rows(n: int = 8) -> list[dict]:

@@ -100,6 +100,26 @@ def test_prompt_response_rows_mask_the_response_and_one_end_token(families, data
                 assert s.input_ids[0] == tok.bos_token_id and s.input_ids.count(tok.bos_token_id) == 1
 
 
+def test_alpaca_input_template_takes_instruction_and_input(families, data):
+    """alpaca keeps the instruction and the input in two fields; '{instruction}' in
+    --input_template brings the first in, '{}' is --input_key's; a field the row lacks is named."""
+    from rlhf.config import DataConfig, PromptDataConfig
+    from rlhf.data.prompts import tokenize_prompts
+    from rlhf.data.sft import tokenize_sft
+    from rlhf.errors import UserError
+
+    tok = load_tok(families["qwen2"])
+    rows = rows_of(data["alpaca"])
+    samples = tokenize_sft(rows, tok, DataConfig(input_key="input", output_key="output", input_template=ALPACA_TEMPLATE, max_len=1024))
+    prompts = tokenize_prompts(rows, tok, PromptDataConfig(input_key="input", label_key="output", input_template=ALPACA_TEMPLATE))
+    for row, s, p in zip(rows, samples, prompts):
+        prompt = f"### Instruction:\n{row['instruction']}\n\n### Input:\n{row['input']}\n\n### Response:\n"
+        assert tok.decode(s.input_ids) == prompt + row["output"] + tok.eos_token and p.text == prompt
+        assert masked_spans(tok, s.input_ids, s.loss_mask) == [row["output"] + tok.eos_token]
+    with pytest.raises(UserError, match=r"alpaca.jsonl:1: --input_template names field 'context', which the row lacks \(it has: instruction, input, output\)"):
+        tokenize_sft(rows, tok, DataConfig(input_key="input", output_key="output", input_template="{context}: {}"))
+
+
 def test_llama3_like_has_no_pad_token_and_falls_back_to_eos(families):
     from transformers import AutoTokenizer
 
@@ -287,12 +307,13 @@ def test_batch_inference_with_a_chat_template(llama3_chat, data, tmp_path, task)
 # ----------------------------------------------------------------------------------------------
 # Every trainer on the shape it is used with: (trainer, dataset, family, flags)
 
+ALPACA_TEMPLATE = "### Instruction:\n{instruction}\n\n### Input:\n{}\n\n### Response:\n"
 COMMON = ["--max_steps", "2", "--micro_train_batch_size", "2", "--train_batch_size", "2", "--max_len", "256", "--learning_rate", "1e-4", "--lr_warmup_ratio", "0", "--zero_stage", "2"]
 SHAPES = {
     "sft-chat-qwen2": ("rlhf.sft", "chat", "qwen2", ["--input_key", "messages", "--output_key", "None", "--apply_chat_template"]),
     "sft-chat-llama3": ("rlhf.sft", "chat", "llama3", ["--input_key", "messages", "--output_key", "None", "--apply_chat_template"]),
     "sft-openorca-llama3": ("rlhf.sft", "openorca", "llama3", ["--input_key", "question", "--output_key", "response", "--packing_samples"]),
-    "sft-alpaca-qwen2": ("rlhf.sft", "alpaca", "qwen2", ["--input_key", "input", "--output_key", "output", "--input_template", "### Instruction:\nAnswer the question below.\n\n### Input:\n{}\n\n### Response:\n"]),
+    "sft-alpaca-qwen2": ("rlhf.sft", "alpaca", "qwen2", ["--input_key", "input", "--output_key", "output", "--input_template", ALPACA_TEMPLATE]),
     "rm-hh-llama3": ("rlhf.rm", "hh_rlhf", "llama3", ["--prompt_key", "None"]),
     "rm-ultrafeedback-snapshot-qwen2": ("rlhf.rm", "ultrafeedback_snapshot", "qwen2", ["--train_split", "train_prefs", "--eval_split", "test_prefs", "--chosen_key", "chosen", "--rejected_key", "rejected", "--apply_chat_template"]),
     "dpo-ultrafeedback-llama3": ("rlhf.dpo", "ultrafeedback", "llama3", ["--chosen_key", "chosen", "--rejected_key", "rejected", "--apply_chat_template", "--beta", "0.1"]),

@@ -179,7 +179,7 @@ def _pair_ids(row: dict, where: str, tokenizer, cfg: PreferenceDataConfig, templ
 
 def _prompt_text(row: dict, where: str, cfg: PreferenceDataConfig) -> str:
     prompt = _text_field(row, cfg.prompt_key, where, "--prompt_key", True)
-    return _fill_input_template(cfg.input_template, prompt) if cfg.input_template else prompt
+    return _fill_input_template(cfg.input_template, prompt, row, where) if cfg.input_template else prompt
 
 
 def _join(prompt_ids: list[int], response_ids: list[int]) -> Ids:

@@ -29,12 +29,12 @@ def tokenize_prompts(rows: list[dict], tokenizer, cfg: PromptDataConfig) -> list
         if template is not None:
             messages = [{"role": "user", "content": value}] if isinstance(value, str) else _messages(value, cfg.input_key, where)
             if cfg.input_template and isinstance(value, str):
-                messages[0]["content"] = _fill_input_template(cfg.input_template, value)
+                messages[0]["content"] = _fill_input_template(cfg.input_template, value, row, where)
             text = _render(tokenizer, messages, template, generation_prompt=True, where=where)
         else:
             text = _text_field(row, cfg.input_key, where, "--input_key", allow_empty=False)
             if cfg.input_template:
-                text = _fill_input_template(cfg.input_template, text)
+                text = _fill_input_template(cfg.input_template, text, row, where)
         ids = encode_rendered(tokenizer, text)[-cfg.prompt_max_len :]  # keep the end: it holds the question
         label = _field(row, cfg.label_key, where, "--label_key") if cfg.label_key else None
         prompts.append(Prompt(ids=ids, text=text, label=label, input=value, row={k: v for k, v in row.items() if k != WHERE_KEY}))

@@ -22,6 +22,7 @@ import importlib
 import importlib.util
 import logging
 import os
+import string
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -294,12 +295,20 @@ def _score_text(row: dict, where: str, cfg: DataConfig) -> str:
         raise UserError(f"--score_template {cfg.score_template!r}: cannot format a score with it ({err!r})") from None
 
 
-def _fill_input_template(template: str, prompt: str) -> str:
-    if "{}" not in template:
-        raise UserError(f"--input_template must contain '{{}}' where the prompt goes, got {template!r}")
+def _fill_input_template(template: str, prompt: str, row: Optional[dict] = None, where: str = "row") -> str:
+    """``{}`` is the prompt; ``{name}`` is the row's field ``name``. Named fields let a dataset
+    that splits its prompt over columns be used as it is: alpaca's ``instruction`` plus ``input``
+    is ``--input_key input --input_template '{instruction}\n\n{}'``."""
     try:
-        return template.format(prompt)
-    except (KeyError, IndexError, ValueError) as err:
+        names = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
+        if not names:
+            raise UserError(f"--input_template must contain '{{}}' where the prompt goes (or a '{{field}}' of the row), got {template!r}")
+        fields = {k: v for k, v in (row or {}).items() if k != WHERE_KEY}
+        return template.format(prompt, **fields)
+    except KeyError as err:
+        have = ", ".join(k for k in (row or {}) if k != WHERE_KEY)
+        raise UserError(f"{where}: --input_template names field {err.args[0]!r}, which the row lacks (it has: {have or 'no fields'})") from None
+    except (IndexError, ValueError) as err:
         raise UserError(f"--input_template {template!r}: not a valid format string ({err!r}); write literal braces as {{{{ }}}}") from None
 
 
@@ -333,7 +342,7 @@ def _sft_ids(row: dict, where: str, tokenizer, cfg: DataConfig, template: Option
     prompt = _text_field(row, cfg.input_key, where, "--input_key", True)
     response = _text_field(row, cfg.output_key, where, "--output_key", False)
     if cfg.input_template:
-        prompt = _fill_input_template(cfg.input_template, prompt)
+        prompt = _fill_input_template(cfg.input_template, prompt, row, where)
     if template is not None:
         messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
         messages, targets = _with_score_message(messages, [1], score)
