@@ -353,3 +353,23 @@ def test_chat_reply_ends_at_the_turn_end(llama3_chat):
     assert proc.returncode == 0, proc.stderr[-3000:]
     [reply] = [line for line in proc.stdout.splitlines() if line.startswith("User: Assistant: ") or line.startswith("Assistant: ")]
     assert reply.endswith("Assistant: Bees make honey."), proc.stdout
+
+
+@pytest.mark.parametrize("family", list(realdata.FAMILIES))
+def test_long_rl_prompts_keep_their_end_and_bos(families, data, family):
+    """--prompt_max_len cuts a prompt from the left (the question and the generation prompt are
+    at the end); a Llama-3-style prompt keeps its BOS in front instead of losing it."""
+    from rlhf.config import PromptDataConfig
+    from rlhf.data.prompts import tokenize_prompts
+
+    tok = load_tok(families[family])
+    rows = rows_of(data["gsm8k_messages"])
+    cfg = PromptDataConfig(input_key="context_messages", label_key="answer", apply_chat_template=True)
+    full = tokenize_prompts(rows, tok, cfg)
+    cut = tokenize_prompts(rows, tok, dataclasses.replace(cfg, prompt_max_len=20))
+    for f, c in zip(full, cut):
+        assert len(c.ids) == 20
+        if BOS[family]:
+            assert c.ids[0] == tok.bos_token_id and c.ids[1:] == f.ids[-19:] and c.ids.count(tok.bos_token_id) == 1
+        else:
+            assert c.ids == f.ids[-20:]

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from rlhf.config import PromptDataConfig
-from rlhf.data.sft import _chat_template, _field, _fill_input_template, _messages, _render, _text_field, encode_rendered
+from rlhf.data.sft import _chat_template, _field, _fill_input_template, _messages, _render, _text_field, bos_to_prepend, encode_rendered
 from rlhf.data.sources import WHERE_KEY, load_mixture
 from rlhf.errors import UserError
 
@@ -35,12 +35,22 @@ def tokenize_prompts(rows: list[dict], tokenizer, cfg: PromptDataConfig) -> list
             text = _text_field(row, cfg.input_key, where, "--input_key", allow_empty=False)
             if cfg.input_template:
                 text = _fill_input_template(cfg.input_template, text, row, where)
-        ids = encode_rendered(tokenizer, text)[-cfg.prompt_max_len :]  # keep the end: it holds the question
+        ids = _keep_end(encode_rendered(tokenizer, text), cfg.prompt_max_len, bos_to_prepend(tokenizer))
         label = _field(row, cfg.label_key, where, "--label_key") if cfg.label_key else None
         prompts.append(Prompt(ids=ids, text=text, label=label, input=value, row={k: v for k, v in row.items() if k != WHERE_KEY}))
     if not prompts:
         raise UserError(f"--prompt_data {cfg.prompt_data}: no prompts")
     return prompts
+
+
+def _keep_end(ids: list[int], max_len: int, bos_id) -> list[int]:
+    """Left-truncate to ``max_len`` tokens: the end holds the question and the generation prompt.
+    A model that expects BOS keeps it in front (Llama-style models degrade without it)."""
+    if len(ids) <= max_len:
+        return ids
+    if bos_id is not None and ids[0] == bos_id and max_len > 1:
+        return [bos_id] + ids[len(ids) - max_len + 1 :]
+    return ids[-max_len:]
 
 
 def load_prompts(source: str, probs, tokenizer, cfg: PromptDataConfig, seed: int) -> list[Prompt]:
