@@ -373,3 +373,18 @@ def test_long_rl_prompts_keep_their_end_and_bos(families, data, family):
             assert c.ids[0] == tok.bos_token_id and c.ids[1:] == f.ids[-19:] and c.ids.count(tok.bos_token_id) == 1
         else:
             assert c.ids == f.ids[-20:]
+
+
+@pytest.mark.parametrize("backend", ["hf", "vllm"])
+def test_grpo_on_prompt_collection_with_a_padded_vocab(families, data, tmp_path, backend):
+    """OpenRLHF's prompt-collection (``context_messages``) under the Qwen2-like tokenizer, whose
+    random model samples the 128 embedding rows past the tokenizer's vocabulary too (near-uniform
+    logits: about one token in six is an id no tokenizer decodes): rollouts, rewards and the update
+    still go through."""
+    extra = ["--rollout_backend", "vllm", "--vllm_kv_cache_mb", "64"] if backend == "vllm" else []
+    run_trainer("rlhf.ppo", [
+        *rl_args(families["qwen2"], data, tmp_path, "--max_steps", "1", "--eval_prompt_data", "None", "--eval_every", "5", *extra),
+        "--prompt_data", str(data["prompt_collection"]), "--label_key", "None", "--generate_max_len", "16",
+    ], nproc=1)
+    [record] = [r for r in read_jsonl(tmp_path / "model" / "metrics.jsonl") if "reward" in r]
+    assert record["response_length"] > 0 and record["reward"] == 0.0, record  # no labels: the reward file gives 0
