@@ -102,8 +102,8 @@ def test_plain_pairs_with_input_template_and_chat_template(tok, tmp_path):
 
     [c] = tokenize_pairs(rows, tok, PreferenceDataConfig(apply_chat_template=True))
     prompt = chatml(("user", "2+2=")) + "<|im_start|>assistant\n"
-    assert_response_span(tok, c.chosen, prompt, "4<|im_end|>\n")
-    assert_response_span(tok, c.rejected, prompt, "5<|im_end|>\n")
+    assert_response_span(tok, c.chosen, prompt, "4<|im_end|>")
+    assert_response_span(tok, c.rejected, prompt, "5<|im_end|>")
 
 
 def test_hh_rlhf_text_pairs(tok, tmp_path):
@@ -151,11 +151,11 @@ def test_ultrafeedback_binarized_messages(tok, tmp_path):
     _, rows = write_rows(tmp_path, [row, with_system])
     a, b = tokenize_pairs(rows, tok, PreferenceDataConfig(apply_chat_template=True))
     prompt = chatml(("user", "2+2?")) + "<|im_start|>assistant\n"
-    assert_response_span(tok, a.chosen, prompt, "4<|im_end|>\n")
-    assert_response_span(tok, a.rejected, prompt, "5<|im_end|>\n")
+    assert_response_span(tok, a.chosen, prompt, "4<|im_end|>")
+    assert_response_span(tok, a.rejected, prompt, "5<|im_end|>")
     prompt = chatml(("system", "be brief"), ("user", "2+2?")) + "<|im_start|>assistant\n"
-    assert_response_span(tok, b.chosen, prompt, "four<|im_end|>\n")
-    assert_response_span(tok, b.rejected, prompt, "five<|im_end|>\n")
+    assert_response_span(tok, b.chosen, prompt, "four<|im_end|>")
+    assert_response_span(tok, b.rejected, prompt, "five<|im_end|>")
     # The prompt field is not needed when the lists carry the whole conversation.
     [c] = tokenize_pairs([{k: v for k, v in rows[0].items() if k != "prompt"}], tok, PreferenceDataConfig(prompt_key=None, apply_chat_template=True))
     assert c == a
@@ -169,8 +169,8 @@ def test_assistant_only_lists_with_a_prompt_field(tok, tmp_path):
     ]
     _, rows = write_rows(tmp_path, rows_in)
     a, b = tokenize_pairs(rows, tok, PreferenceDataConfig(apply_chat_template=True))
-    assert_response_span(tok, a.chosen, chatml(("user", "2+2?")) + "<|im_start|>assistant\n", "4<|im_end|>\n")
-    assert_response_span(tok, b.rejected, chatml(("system", "s"), ("user", "2+2?")) + "<|im_start|>assistant\n", "5<|im_end|>\n")
+    assert_response_span(tok, a.chosen, chatml(("user", "2+2?")) + "<|im_start|>assistant\n", "4<|im_end|>")
+    assert_response_span(tok, b.rejected, chatml(("system", "s"), ("user", "2+2?")) + "<|im_start|>assistant\n", "5<|im_end|>")
     # Same as the plain text row with the chat template.
     [plain] = tokenize_pairs([{"prompt": "2+2?", "chosen": "4", "rejected": "5"}], tok, PreferenceDataConfig(apply_chat_template=True))
     assert plain == a

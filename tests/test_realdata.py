@@ -55,6 +55,8 @@ def masked_spans(tok, ids, mask) -> list[str]:
 # Each family's end of an assistant turn as the loss mask must cover it: ChatML's <|im_end|> and
 # the newline the template writes after it; Llama-3's <|eot_id|>.
 TURN_END = {"qwen2": "<|im_end|>\n", "llama3": "<|eot_id|>"}
+# A preference pair's side ends at the end token itself, as a rollout does (see the RM test below).
+PAIR_END = {"qwen2": "<|im_end|>", "llama3": "<|eot_id|>"}
 BOS = {"qwen2": None, "llama3": "<|begin_of_text|>"}
 
 
@@ -118,6 +120,29 @@ def test_alpaca_input_template_takes_instruction_and_input(families, data):
         assert masked_spans(tok, s.input_ids, s.loss_mask) == [row["output"] + tok.eos_token]
     with pytest.raises(UserError, match=r"alpaca.jsonl:1: --input_template names field 'context', which the row lacks \(it has: instruction, input, output\)"):
         tokenize_sft(rows, tok, DataConfig(input_key="input", output_key="output", input_template="{context}: {}"))
+
+
+@pytest.mark.parametrize("family", list(realdata.FAMILIES))
+def test_reward_model_pairs_end_like_rollouts(families, data, family):
+    """A reward model reads its score at the last token, so its training sequences must end the
+    way PPO's do: the RL prompt ids, the response, and the end token generation stops at. ChatML
+    writes a newline after <|im_end|>; a pair side that kept it trained the score at the newline
+    while PPO read it at <|im_end|> (regression)."""
+    from rlhf.config import PreferenceDataConfig, PromptDataConfig
+    from rlhf.data.preference import tokenize_pairs
+    from rlhf.data.prompts import tokenize_prompts
+    from rlhf.rollout.hf import stop_token_ids
+    from transformers import GenerationConfig
+
+    tok = load_tok(families[family])
+    stops = stop_token_ids(tok, GenerationConfig.from_pretrained(families[family]))
+    rows = rows_of(data["ultrafeedback"])
+    pairs = tokenize_pairs(rows, tok, PreferenceDataConfig(prompt_key=None, apply_chat_template=True, max_len=1024))
+    prompts = tokenize_prompts([{"p": row["chosen"][:-1]} for row in rows], tok, PromptDataConfig(input_key="p", label_key=None, apply_chat_template=True))
+    for pair, prompt in zip(pairs, prompts):
+        for side in (pair.chosen, pair.rejected):
+            assert side.input_ids[: len(prompt.ids)] == prompt.ids and side.loss_mask.index(1) == len(prompt.ids)
+            assert side.input_ids[-1] in stops and not any(t in stops for t in side.input_ids[len(prompt.ids) : -1])
 
 
 def test_llama3_like_has_no_pad_token_and_falls_back_to_eos(families):
@@ -188,7 +213,7 @@ def test_preference_shapes_tokenise(families, data, family):
     uf = tokenize_pairs(uf_rows, tok, PreferenceDataConfig(prompt_key=None, apply_chat_template=True, max_len=1024))
     for row, pair in zip(uf_rows, uf):
         for side, sample in (("chosen", pair.chosen), ("rejected", pair.rejected)):
-            assert masked_spans(tok, sample.input_ids, sample.loss_mask) == [row[side][-1]["content"] + TURN_END[family]]
+            assert masked_spans(tok, sample.input_ids, sample.loss_mask) == [row[side][-1]["content"] + PAIR_END[family]]
     kto_rows = rows_of(data["kto_mix"])
     kto = tokenize_unpaired(kto_rows, tok, PreferenceDataConfig(input_key="prompt", output_key="completion", apply_chat_template=True, max_len=1024))
     for row, ex in zip(kto_rows, kto):

@@ -172,7 +172,7 @@ def _pair_ids(row: dict, where: str, tokenizer, cfg: PreferenceDataConfig, templ
             return tuple(_join(prompt_ids, _encode(tokenizer, text) + [eos]) for text in (c_text, r_text))  # type: ignore[return-value]
         context = [{"role": "user", "content": prompt}]
     return tuple(  # type: ignore[return-value]
-        _chat_ids(tokenizer, context + [{"role": "assistant", "content": text}], [len(context)], template, where)
+        _end_at_turn_end(tokenizer, *_chat_ids(tokenizer, context + [{"role": "assistant", "content": text}], [len(context)], template, where))
         for text in (c_text, r_text)
     )
 
@@ -275,8 +275,23 @@ def _chat_pair(
         else:
             context = [{"role": "user", "content": _prompt_text(row, where, cfg)}]
     return tuple(  # type: ignore[return-value]
-        _chat_ids(tokenizer, context + messages[-1:], [len(context)], template, where) for messages in sides
+        _end_at_turn_end(tokenizer, *_chat_ids(tokenizer, context + messages[-1:], [len(context)], template, where)) for messages in sides
     )
+
+
+def _end_at_turn_end(tokenizer, ids: list[int], mask: list[int]) -> Ids:
+    """Cut a rendered pair side right after the response's last special token (its end of turn).
+
+    Templates may write more after that token (ChatML's newline after ``<|im_end|>``), text a
+    policy never generates: generation stops at the end token. A reward model reads its score at
+    the last token, so it must be trained on sequences that end the way PPO's rollouts end, or it
+    is trained at one position and read at another.
+    """
+    special = set(tokenizer.all_special_ids)
+    last = next((t for t in range(len(ids) - 1, -1, -1) if mask[t] and ids[t] in special), None)
+    if last is None:  # no end token in the response: nothing to line up with
+        return ids, mask
+    return ids[: last + 1], mask[: last + 1]
 
 
 # ----------------------------------------------------------------------------------------------
