@@ -420,3 +420,29 @@ def test_rejection_sampling_refuses_the_batch_inference_loop_flags():
     for flags in (["--iter", "1"], ["--post_processor", "rs"]):
         with pytest.raises(UserError, match="rlhf.rejection_sampling runs its rounds itself"):
             parse_config(RejectionSamplingConfig, ["--reward_func", "rlhf.rewards:exact_match", *flags])
+
+
+@pytest.mark.slow
+def test_ported_v050_rejection_sampling_round_runs(tmp_path):
+    """v0.5.0's loop, one round: chat-templated prompt-collection rows (context_messages) through
+    vLLM with --enable_prefix_caching --max_num_seqs, scored by --pretrain, then SFT with
+    --input_template '' on the kept rows, whose input is the prompt as the model saw it."""
+    from realdata import prompt_collection_rows, write_jsonl
+    from rlhf.models.loading import load_tokenizer
+    from rlhf.config import ModelConfig
+
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", prompt_collection_rows(8))
+    gen_out, rm_out = tmp_path / "generate.jsonl", tmp_path / "rm.jsonl"
+    generate = script("v0.5.0/train_rejection_sampling_llama.sh", "generate")
+    run_trainer("rlhf.generate", tiny(generate, pretrain=TINY, max_new_tokens="4", prompt_max_len="64", dataset=str(prompts), tp_size="1", max_num_seqs="4", rollout_batch_size="4", output_path=str(gen_out)), nproc=0)
+    rows = read_jsonl(gen_out)
+    tokenizer = load_tokenizer(ModelConfig(pretrain=TINY))
+    rendered = tokenizer.apply_chat_template(rows[0]["context_messages"], tokenize=False, add_generation_prompt=True)
+    assert len(rows) == 16 and rows[0]["input"] == rows[0]["prompt"] == rendered
+    score = script("v0.5.0/train_rejection_sampling_llama.sh", "rm")
+    run_trainer("rlhf.generate", tiny(score, pretrain=TINY, max_len="96", dataset=str(gen_out), output_path=str(rm_out)), nproc=0)
+    kept = read_jsonl(rm_out)
+    assert sorted(r["input"] for r in kept) == sorted({r["input"] for r in rows})  # one per prompt
+    sft = script("v0.5.0/train_rejection_sampling_llama.sh", "sft")
+    run_trainer("rlhf.sft", tiny(sft, **TRAIN_TINY | {"max_len": "96"}, dataset=str(rm_out), save_path=str(tmp_path / "model"), ckpt_path=str(tmp_path / "ckpt")), nproc=0)
+    assert (tmp_path / "model" / "config.json").is_file()
