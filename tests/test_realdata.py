@@ -305,7 +305,7 @@ def test_rl_on_chat_prompts(llama3_chat, data, tmp_path, backend, algo):
     print("eval_reward", algo, backend, evals)
 
 
-@pytest.mark.parametrize("task", ["generate", "generate_vllm"])
+@pytest.mark.parametrize("task", ["generate", pytest.param("generate_vllm", marks=pytest.mark.slow)])  # vLLM: ~70 s here
 def test_batch_inference_with_a_chat_template(llama3_chat, data, tmp_path, task):
     """rlhf.generate --apply_chat_template (issue 12 item 1: it crashed at start-up): greedy
     answers to chat prompts, written with the rendered prompt, ending at the turn's end, scored
