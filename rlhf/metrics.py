@@ -31,6 +31,8 @@ _BAR_FORMATS = {
     "reward": ("reward", lambda v: f"{v:.3g}"),
     "kl": ("kl", lambda v: f"{v:.3g}"),
     "response_length": ("len", lambda v: f"{v:.1f}"),
+    "eval_reward": ("eval", lambda v: f"{v:.3g}"),
+    "entropy": ("ent", lambda v: f"{v:.3g}"),
     "lr": ("lr", lambda v: f"{v:.2e}"),
     "tokens_per_s": ("tok/s", lambda v: _si(v)),
 }

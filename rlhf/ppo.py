@@ -608,7 +608,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
 
     # 5. Loop.
     metrics_path = cfg.log.metrics_path or os.path.join(cfg.ckpt.save_path, "metrics.jsonl")
-    logger = MetricsLogger(metrics_path, cfg.log, dataclasses.asdict(cfg), "ppo", total_steps, enabled=launch.is_rank0, resumed=start_step > 0)
+    bar_keys = ("reward", f"pass_at_{rollout.n_samples_per_prompt}", "eval_reward", "kl", "entropy", "response_length")  # is it learning, at a glance
+    logger = MetricsLogger(metrics_path, cfg.log, dataclasses.asdict(cfg), "ppo", total_steps, enabled=launch.is_rank0, resumed=start_step > 0, bar_keys=bar_keys)
     if start_step:
         logger.log(start_step, {"resumed_from_step": start_step})
     elif eval_prompts:
@@ -674,10 +675,15 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         export_hf(critic, tokenizer, os.path.join(cfg.ckpt.save_path, "critic"))
     dist.barrier()  # the critic is written before the actor's export moves it into place
     if launch.is_rank0:
-        keys = ["reward"] + (["eval_reward"] if eval_prompts else [])
+        headline = "eval_reward" if eval_prompts else "reward"
+        logged = {k for r in read_metrics(metrics_path) for k in r}
+        # What says at a glance whether RL is learning: the rewards, whether groups still carry
+        # signal (pass@n, zero-variance groups), and how far and how sharp the policy went.
+        diagnostics = [f"pass_at_{rollout.n_samples_per_prompt}", "group_zero_std", "entropy", "kl"]
+        keys = ["reward"] + (["eval_reward"] if eval_prompts else []) + [k for k in diagnostics if k in logged]
         png = plot_metrics(metrics_path, keys, os.path.join(cfg.ckpt.save_path, "reward_curve.png"))
-        steps, values = metric_series(read_metrics(metrics_path), keys[-1])
-        print(f"{keys[-1]} by step: " + ", ".join(f"{s}: {v:.3f}" for s, v in zip(steps, values)) + f"  (plot: {png})", flush=True)
+        steps, values = metric_series(read_metrics(metrics_path), headline)
+        print(f"{headline} by step: " + ", ".join(f"{s}: {v:.3f}" for s, v in zip(steps, values)) + f"  (plot: {png})", flush=True)
     with ema.swapped_in() if ema is not None else contextlib.nullcontext():  # --enable_ema exports the average
         finish(actor, tokenizer, cfg, launch)
 

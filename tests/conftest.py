@@ -146,13 +146,30 @@ def make_bucket(s3_env) -> Callable[[Optional[str]], str]:
 
 @pytest.fixture(scope="session")
 def sft_tiny_model(tmp_path_factory):
-    """The embedded tiny model after the README's SFT preset: it knows addition (eval loss ~0.2).
+    """The embedded tiny model after the README's SFT preset on the clean demonstrations
+    (``sft_train.jsonl``, every answer right): it knows addition (eval loss ~0.2, greedy held-out
+    accuracy ~0.82).
 
-    Preference and RL tests start from it, as users start from an SFT model.
+    Preference and RL mechanics tests start from it, as users start from an SFT model.
     """
     from helpers import run_trainer
 
     out = tmp_path_factory.mktemp("sft-tiny")
+    run_trainer("rlhf.sft", [
+        "--config", "configs/sft_tiny.yaml", "--dataset", "embedded:arith/sft_train.jsonl",
+        "--save_path", str(out / "model"), "--ckpt_path", str(out / "ckpt"),
+    ], timeout=1200)
+    return out / "model"
+
+
+@pytest.fixture(scope="session")
+def sft_teacher_model(tmp_path_factory):
+    """The README's main job, first half: the SFT preset as shipped, on the imperfect teacher's
+    demonstrations (60% one too high). Greedy held-out accuracy ~0.3 while 8 samples contain the
+    right sum for ~0.7 of the questions: the start the RL learning tests measure their rise from."""
+    from helpers import run_trainer
+
+    out = tmp_path_factory.mktemp("sft-teacher")
     run_trainer("rlhf.sft", ["--config", "configs/sft_tiny.yaml", "--save_path", str(out / "model"), "--ckpt_path", str(out / "ckpt")], timeout=1200)
     return out / "model"
 

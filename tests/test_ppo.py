@@ -23,56 +23,89 @@ def eval_rewards(out):
     return [r["eval_reward"] for r in read_jsonl(out / "model" / "metrics.jsonl") if "eval_reward" in r]
 
 
-# Held-out accuracy gain of the README's GRPO preset (30 steps), shared by the HF and vLLM
-# rollout tests. The SFT'd model already answers 86.7% of held-out sums, so the headroom is small.
-GRPO_GAIN_END, GRPO_GAIN_BEST = 0.005, 0.015
+# The README's main job, second half (configs/grpo_tiny.yaml), starts from a model that imitated a
+# teacher who answers one too high 60% of the time: greedy held-out accuracy ~0.34, pass@8 ~0.80.
+# The bar every estimator must clear on it, in held-out greedy accuracy after the preset's 40 steps
+# (measured gains are about twice this; see each test). Shared with the vLLM learning test.
+LEARNING_GAIN = 0.25
+# RM-driven PPO from the same start: the rise of the RM's score of greedy held-out answers, and the
+# bound on the per-sample KL to the reference (--init_kl_coef 0.01; 3-4 response tokens a sample).
+RM_GAIN, RM_KL_BOUND = 0.2, 2.5
+
+
+def train_records(out):
+    return [r for r in read_jsonl(out / "model" / "metrics.jsonl") if "reward" in r]
+
+
+def mean(xs):
+    return sum(xs) / len(xs)
 
 
 @pytest.mark.slow
-def test_grpo_raises_heldout_accuracy(sft_tiny_model, tmp_path):
-    """GRPO (group_norm), exact-match reward: held-out greedy accuracy rises.
-    Measured: 0.867 -> 0.887 at the end, 0.907 at best."""
-    run_trainer("rlhf.ppo", ppo_args(sft_tiny_model, tmp_path), timeout=1500)
+def test_grpo_raises_heldout_accuracy(sft_teacher_model, tmp_path):
+    """The README's main job: GRPO (group_norm), exact-match reward. Held-out greedy accuracy
+    rises by at least LEARNING_GAIN and the training reward (the PNG's curve) rises with it; the
+    diagnostics a practitioner reads are logged every step. Measured: 0.340 -> 0.793 (0.547 at step
+    5); training reward 0.276 over the first 5 steps -> 0.485 over the last 10; pass@8 0.81 at the start."""
+    run_trainer("rlhf.ppo", ppo_args(sft_teacher_model, tmp_path), timeout=1500)
     curve = eval_rewards(tmp_path)
-    assert curve[-1] >= curve[0] + GRPO_GAIN_END and max(curve) >= curve[0] + GRPO_GAIN_BEST, f"eval reward curve {curve}"
+    assert curve[-1] >= curve[0] + LEARNING_GAIN, f"eval reward curve {curve}"
+    records = train_records(tmp_path)
+    reward = [r["reward"] for r in records]
+    assert mean(reward[-10:]) >= mean(reward[:5]) + 0.1, reward
+    for key in ("reward_std", "advantage_std", "group_zero_std", "group_all_right", "group_all_wrong", "pass_at_8", "entropy", "kl", "clip_fraction", "response_length"):
+        assert key in records[-1], key
+    assert mean([r["pass_at_8"] for r in records[:5]]) > mean(reward[:5]) + 0.3  # groups carry signal: pass@8 well above the mean
     assert (tmp_path / "model" / "reward_curve.png").stat().st_size > 1000
 
 
 @pytest.mark.slow
-def test_ppo_with_critic_raises_heldout_accuracy(sft_tiny_model, tmp_path):
-    """PPO with a critic (gae): held-out accuracy rises and the critic learns; the critic is exported.
-
-    Measured (whitening over the whole rollout batch): eval 0.867 -> 0.900; value loss 0.353 at
-    step 1 -> ~0.08.
-    """
-    run_trainer("rlhf.ppo", ppo_args(sft_tiny_model, tmp_path, "--advantage_estimator", "gae", "--n_samples_per_prompt", "4", "--rollout_batch_size", "32", "--critic_learning_rate", "1e-3"), timeout=1500)
+@pytest.mark.parametrize("estimator", ["rloo", "reinforce_baseline"])
+def test_critic_free_estimators_raise_heldout_accuracy(sft_teacher_model, tmp_path, estimator):
+    """RLOO and REINFORCE++ with a baseline on the main job's task and settings. Measured: both
+    0.340 -> 0.793. (With 0/1 rewards both are the group-centred reward up to a per-step scale,
+    like GRPO's, and Adam's steps barely see a scale: their curves nearly coincide with GRPO's.)"""
+    run_trainer("rlhf.ppo", ppo_args(sft_teacher_model, tmp_path, "--advantage_estimator", estimator), timeout=1500)
     curve = eval_rewards(tmp_path)
-    assert curve[-1] >= curve[0] + 0.01 and max(curve) >= curve[0] + 0.02, f"eval reward curve {curve}"
-    value_loss = [r["value_loss"] for r in read_jsonl(tmp_path / "model" / "metrics.jsonl") if "value_loss" in r]
-    assert sum(value_loss[-5:]) / 5 < 0.5 * value_loss[0], value_loss
+    assert curve[-1] >= curve[0] + LEARNING_GAIN, f"eval reward curve {curve}"
+
+
+@pytest.mark.slow
+def test_ppo_with_critic_raises_heldout_accuracy(sft_teacher_model, tmp_path):
+    """PPO with a critic (gae): held-out accuracy rises, the critic learns and is exported.
+    Measured: 0.340 -> 0.800; value loss 0.148 at
+    step 1 -> 0.11 (most of it is the 0/1 outcome's own variance)."""
+    run_trainer("rlhf.ppo", ppo_args(sft_teacher_model, tmp_path, "--advantage_estimator", "gae", "--critic_learning_rate", "1e-3"), timeout=1500)
+    curve = eval_rewards(tmp_path)
+    assert curve[-1] >= curve[0] + LEARNING_GAIN, f"eval reward curve {curve}"
+    # With 0/1 rewards most of the value loss is the outcome's own variance, which no critic
+    # removes: the critic starts near it, so the drop is modest but steady.
+    value_loss = [r["value_loss"] for r in train_records(tmp_path)]
+    assert mean(value_loss[-5:]) < 0.9 * value_loss[0], value_loss
     assert (tmp_path / "model" / "critic" / "config.json").is_file()
 
 
 @pytest.mark.slow
-def test_rm_driven_ppo_raises_rm_score_within_kl_bound(sft_weak_model, rm_tiny_model, tmp_path):
-    """PPO with a critic, rewarded only by the reward model (no verifiable reward), from a weaker
-    SFT start: the RM score of greedy held-out answers rises while the KL to the reference stays
-    bounded. Measured: eval RM score 1.879 -> 1.958 (best 1.976); KL per sample at most 0.49."""
+def test_rm_driven_ppo_raises_rm_score_within_kl_bound(sft_teacher_model, rm_tiny_model, tmp_path):
+    """PPO with a critic, rewarded only by the project's own reward model (trained on the task's
+    preferences; no verifiable reward): the RM score of greedy held-out answers rises while the KL
+    to the reference stays bounded. Measured: RM score 1.43 -> 1.97; KL per sample at most 1.57."""
     run_trainer("rlhf.ppo", ppo_args(
-        sft_weak_model, tmp_path, "--reward_func", "None", "--reward_pretrain", str(rm_tiny_model),
-        "--advantage_estimator", "gae", "--critic_learning_rate", "1e-3", "--learning_rate", "2e-5", "--init_kl_coef", "0.01",
+        sft_teacher_model, tmp_path, "--reward_func", "None", "--reward_pretrain", str(rm_tiny_model),
+        "--advantage_estimator", "gae", "--critic_learning_rate", "1e-3", "--init_kl_coef", "0.01",
     ), timeout=1500)
     curve = eval_rewards(tmp_path)
-    assert curve[-1] >= curve[0] + 0.04 and max(curve) >= curve[0] + 0.07, f"eval RM score curve {curve}"
-    kl = [r["kl"] for r in read_jsonl(tmp_path / "model" / "metrics.jsonl") if "kl" in r]
-    assert max(kl) < 0.6, kl
+    assert curve[-1] >= curve[0] + RM_GAIN, f"eval RM score curve {curve}"
+    kl = [r["kl"] for r in train_records(tmp_path)]
+    assert max(kl) < RM_KL_BOUND, kl
 
 
 @pytest.mark.parametrize("stage", [2, 3])
 def test_colocated_zero_stages_run(sft_tiny_model, tmp_path, stage):
-    # ZeRO-3 also takes one update per rollout (128 samples), where the behaviour log-probs and
-    # the KL statistic come from the training forward instead of a separate actor forward.
-    extra = ["--ds_config", ZERO3_FORCE_GATHER, "--train_batch_size", "128"] if stage == 3 else []
+    # ZeRO-3 takes the preset's one update per rollout (256 samples), where the behaviour
+    # log-probs and the KL statistic come from the training forward; ZeRO-2 takes two, with a
+    # separate behaviour forward.
+    extra = ["--ds_config", ZERO3_FORCE_GATHER] if stage == 3 else ["--train_batch_size", "128"]
     run_trainer("rlhf.ppo", ppo_args(sft_tiny_model, tmp_path, "--zero_stage", str(stage), "--max_steps", "2", "--eval_prompt_data", "None", *extra))
     records = [r for r in read_jsonl(tmp_path / "model" / "metrics.jsonl") if "reward" in r]
     assert len(records) == 2
@@ -146,7 +179,7 @@ def reward_module(tmp_path, body: str) -> str:
     [
         (["--advantage_estimator", "ppo_magic"], "unknown advantage estimator 'ppo_magic'; choose one of gae,"),
         (["--advantage_estimator", "group_norm", "--n_samples_per_prompt", "1"], "--n_samples_per_prompt >= 2"),
-        (["--rollout_batch_size", "3", "--n_samples_per_prompt", "64"], "--rollout_batch_size 3 must be divisible by the actor data-parallel size 2"),
+        (["--rollout_batch_size", "3", "--n_samples_per_prompt", "64", "--train_batch_size", "64"], "--rollout_batch_size 3 must be divisible by the actor data-parallel size 2"),
     ],
     ids=["unknown estimator", "group estimator with one sample", "placement does not fit"],
 )

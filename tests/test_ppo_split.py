@@ -24,7 +24,7 @@ def gae_args(sft, rm, out, *extra):
     """PPO with a critic, a reward model plus the exact-match function, 3 steps."""
     return [
         "--config", "configs/grpo_tiny.yaml", "--pretrain", str(sft), "--reward_pretrain", str(rm),
-        "--advantage_estimator", "gae", "--n_samples_per_prompt", "2", "--rollout_batch_size", "32",
+        "--advantage_estimator", "gae", "--n_samples_per_prompt", "2", "--rollout_batch_size", "32", "--train_batch_size", "64", "--micro_train_batch_size", "32",
         "--init_kl_coef", "0.05", "--critic_learning_rate", "1e-3", "--max_steps", "3", "--eval_prompt_data", "None",
         "--save_path", str(out / "model"), "--ckpt_path", str(out / "ckpt"), *extra,
     ]
@@ -115,6 +115,7 @@ def test_rollout_ranks_of_their_own_get_the_actors_weights_every_step(sft_tiny_m
     def grpo(out, *extra):
         return [
             "--config", "configs/grpo_tiny.yaml", "--pretrain", str(sft_tiny_model), "--max_steps", "3", "--eval_every", "3",
+            "--rollout_batch_size", "16", "--train_batch_size", "64", "--micro_train_batch_size", "32",
             "--zero_stage", "3", "--ds_config", ZERO3_FORCE_GATHER, "--init_kl_coef", "0.05",
             "--save_path", str(out / "model"), "--ckpt_path", str(out / "ckpt"), *extra,
         ]

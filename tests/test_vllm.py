@@ -34,15 +34,21 @@ def grpo_args(sft, out, *extra):
 
 @pytest.mark.parametrize(
     "extra",
-    [["--zero_stage", "3", "--ds_config", ZERO3_FORCE_GATHER], ["--lora_rank", "8", "--load_in_4bit", "--vllm_is_truncation", "2.0", "--train_batch_size", "128"]],
-    ids=["zero3-full", "qlora-with-is-correction"],
+    [
+        ["--zero_stage", "3", "--ds_config", ZERO3_FORCE_GATHER, "--train_batch_size", "128"],
+        ["--lora_rank", "8", "--load_in_4bit", "--vllm_is_truncation", "2.0"],
+        ["--temperature", "0.7", "--train_batch_size", "128"],
+    ],
+    ids=["zero3-full", "qlora-with-is-correction", "temperature-0.7"],
 )
 def test_ppo_steps_generate_with_the_current_actor(sft_tiny_model, tmp_path, extra):
     """At a high learning rate the policy moves every step, yet the log-probs vLLM reports for
     its samples stay within 1e-3 per token of the actor's: it generated with the current weights
     (fully gathered ZeRO-3 shards; QLoRA: the dequantised base plus the adapters' delta). The
     QLoRA case takes one update per rollout, so the gap and the importance weights are measured
-    on the training forward (no separate behaviour forward)."""
+    on the training forward (no separate behaviour forward). At temperature 0.7 vLLM reports the
+    log-probs of the tempered distribution it sampled from and the actor's are taken at the same
+    temperature, so the gap stays as small as at 1."""
     run_trainer("rlhf.ppo", grpo_args(sft_tiny_model, tmp_path, "--max_steps", "3", "--eval_prompt_data", "None", "--learning_rate", "1e-3", *extra))
     records = [r for r in read_jsonl(tmp_path / "model" / "metrics.jsonl") if "reward" in r]
     assert len(records) == 3 and records[-1]["kl"] > 0.05, records  # the policy moved away from the start
@@ -51,14 +57,14 @@ def test_ppo_steps_generate_with_the_current_actor(sft_tiny_model, tmp_path, ext
 
 
 @pytest.mark.slow
-def test_grpo_with_vllm_learns_like_hf(sft_tiny_model, tmp_path):
-    """The README's GRPO preset with vLLM rollouts. Measured: 0.867 -> 0.877, best 0.890 (HF:
-    0.867 -> 0.887, best 0.907); the threshold is test_ppo.GRPO_GAIN, shared with the HF test."""
-    from test_ppo import GRPO_GAIN_BEST, GRPO_GAIN_END
+def test_grpo_with_vllm_learns_like_hf(sft_teacher_model, tmp_path):
+    """The README's main job with vLLM rollouts clears the HF test's bar (test_ppo.LEARNING_GAIN).
+    Measured: 0.340 -> 0.783 (HF: 0.340 -> 0.793)."""
+    from test_ppo import LEARNING_GAIN
 
-    run_trainer("rlhf.ppo", grpo_args(sft_tiny_model, tmp_path), timeout=1500)
+    run_trainer("rlhf.ppo", grpo_args(sft_teacher_model, tmp_path), timeout=1500)
     curve = [r["eval_reward"] for r in read_jsonl(tmp_path / "model" / "metrics.jsonl") if "eval_reward" in r]
-    assert curve[-1] >= curve[0] + GRPO_GAIN_END and max(curve) >= curve[0] + GRPO_GAIN_BEST, f"eval reward curve {curve}"
+    assert curve[-1] >= curve[0] + LEARNING_GAIN, f"eval reward curve {curve}"
 
 
 @pytest.mark.parametrize(
