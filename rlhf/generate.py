@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 
 from rlhf.data.prompts import Prompt, load_prompts
-from rlhf.data.sft import Sample, collate_padded, encode_rendered
+from rlhf.data.sft import Sample, collate_padded
 from rlhf.dist.env import device, init_distributed
 from rlhf.errors import UserError, exit_on_user_error, run_program
 from rlhf.models.loading import load_causal_lm, load_reward_model, load_tokenizer, resolve_model_path
@@ -165,7 +165,7 @@ def responses_from_row(prompt: Prompt, key: str, tokenizer, max_len: Optional[in
     text = prompt.row.get(key)
     if not isinstance(text, str):
         raise UserError(f"--output_key {key!r}: row has no text field of that name (fields: {', '.join(sorted(prompt.row))})")
-    ids = encode_rendered(tokenizer, text) + [tokenizer.eos_token_id]
+    ids = tokenizer.encode(text, add_special_tokens=False) + [tokenizer.eos_token_id]  # it continues the prompt: no BOS
     if max_len is not None and len(prompt.ids) + len(ids) > max_len:
         ids = ids[: max(1, max_len - len(prompt.ids)) - 1] + [tokenizer.eos_token_id]
     return ids

@@ -413,3 +413,17 @@ def test_grpo_on_prompt_collection_with_a_padded_vocab(families, data, tmp_path,
     ], nproc=1)
     [record] = [r for r in read_jsonl(tmp_path / "model" / "metrics.jsonl") if "reward" in r]
     assert record["response_length"] > 0 and record["reward"] == 0.0, record  # no labels: the reward file gives 0
+
+
+def test_scored_responses_continue_the_prompt_without_a_second_bos(families):
+    """rlhf.generate --eval_task rm reads responses from the rows: their ids follow the prompt's,
+    so a Llama-3-style BOS must not be put in front of them (it was: BOS in mid-sequence)."""
+    from rlhf.config import PromptDataConfig
+    from rlhf.data.prompts import tokenize_prompts
+    from rlhf.generate import responses_from_row
+
+    tok = load_tok(families["llama3"])
+    [prompt] = tokenize_prompts([{"q": "What do bees make?", "a": "Bees make honey."}], tok, PromptDataConfig(input_key="q", label_key=None, apply_chat_template=True))
+    ids = prompt.ids + responses_from_row(prompt, "a", tok)
+    assert ids.count(tok.bos_token_id) == 1 and ids[0] == tok.bos_token_id
+    assert tok.decode(ids[len(prompt.ids) :]) == "Bees make honey." + tok.eos_token
