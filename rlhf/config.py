@@ -25,6 +25,7 @@ import tyro
 import tyro._errors as tyro_errors
 import yaml
 
+from rlhf.algos.estimators import discounted_estimators, estimator_traits
 from rlhf.errors import UserError
 
 C = TypeVar("C")
@@ -690,8 +691,11 @@ class PPOConfig:
             raise UserError("--normalize_reward normalises reward-model scores, but no --reward_pretrain is given: drop the flag or add a reward model")
         if algo.remote_rm_url and algo.remote_rm_url.endswith(".py") and not Path(algo.remote_rm_url).expanduser().is_file():
             raise UserError(f"--remote_rm_url {algo.remote_rm_url}: no such reward file")  # before any model is loaded
-        if algo.advantage_estimator in ("rloo", "group_norm", "dr_grpo", "reinforce_baseline") and self.rollout.n_samples_per_prompt < 2:
+        traits = estimator_traits(algo.advantage_estimator)  # an unknown name fails here, before any work
+        if traits.grouped and self.rollout.n_samples_per_prompt < 2:
             raise UserError(f"--advantage_estimator {algo.advantage_estimator} compares samples of one prompt: set --n_samples_per_prompt >= 2")
+        if algo.gamma != 1.0 and not traits.discounted:
+            raise UserError(f"--gamma {algo.gamma}: --advantage_estimator {algo.advantage_estimator} needs gamma 1 (discounting works with {', '.join(discounted_estimators())})")
         per_step = self.rollout.rollout_batch_size * self.rollout.n_samples_per_prompt
         if per_step % self.train.train_batch_size != 0:
             raise UserError(f"--rollout_batch_size x --n_samples_per_prompt = {per_step} must be a multiple of --train_batch_size {self.train.train_batch_size}")

@@ -39,6 +39,7 @@ import torch
 import torch.distributed as dist
 
 from rlhf.algos import ppo as ppo_math
+from rlhf.algos.estimators import estimator_traits
 from rlhf.algos.losses import next_token_logprobs, sft_nll_sum
 from rlhf.data.prompts import Prompt, load_prompts
 from rlhf.data.sft import Sample, collate_padded, tokenize_sft
@@ -61,7 +62,6 @@ from rlhf.rollout.sync import WeightBroadcast
 from rlhf.rollout.vllm_engine import VLLMGenerator, engine_tp_group
 from rlhf.trainer import all_reduce_sums, all_reduce_tensor, finish
 
-CRITIC_ESTIMATORS = ("gae",)
 
 
 @dataclass
@@ -496,13 +496,10 @@ def frozen_model_cfg(cfg: PPOConfig, pretrain: str) -> ModelConfig:
 def main(argv: Optional[Sequence[str]] = None) -> None:
     cfg = parse_config(PPOConfig, argv, prog="python -m rlhf.ppo")
     algo, rollout = cfg.algo, cfg.rollout
-    ppo_math.get_estimator(algo.advantage_estimator)  # an unknown name fails before any work
-    if algo.gamma != 1.0 and algo.advantage_estimator not in ppo_math.DISCOUNTED_ESTIMATORS:
-        raise UserError(f"--gamma {algo.gamma}: --advantage_estimator {algo.advantage_estimator} needs gamma 1 (discounting works with {', '.join(ppo_math.DISCOUNTED_ESTIMATORS)})")
 
     # 1. Launch: place the roles (colocated, or split over rank ranges) and build their groups.
     launch = init_distributed()
-    use_critic = algo.advantage_estimator in CRITIC_ESTIMATORS
+    use_critic = estimator_traits(algo.advantage_estimator).needs_critic
     reward_paths = algo.reward_pretrain.split(",") if algo.reward_pretrain else []
     in_use = ("actor",) + (("rollout",) if cfg.placement.separate_rollout else ()) + (("critic",) if use_critic else ()) + (("reward",) if reward_paths else ()) + (("reference",) if cfg.model.lora_rank == 0 else ())
     placement = cfg.placement

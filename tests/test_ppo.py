@@ -179,9 +179,10 @@ def reward_module(tmp_path, body: str) -> str:
     [
         (["--advantage_estimator", "ppo_magic"], "unknown advantage estimator 'ppo_magic'; choose one of gae,"),
         (["--advantage_estimator", "group_norm", "--n_samples_per_prompt", "1"], "--n_samples_per_prompt >= 2"),
+        (["--gamma", "0.9"], "--gamma 0.9: --advantage_estimator group_norm needs gamma 1 (discounting works with gae, reinforce)"),
         (["--rollout_batch_size", "3", "--n_samples_per_prompt", "64", "--train_batch_size", "64"], "--rollout_batch_size 3 must be divisible by the actor data-parallel size 2"),
     ],
-    ids=["unknown estimator", "group estimator with one sample", "placement does not fit"],
+    ids=["unknown estimator", "group estimator with one sample", "group estimator with gamma", "placement does not fit"],
 )
 def test_ppo_bad_config(tmp_path, extra, expected):
     proc = run_trainer("rlhf.ppo", ["--config", "configs/grpo_tiny.yaml", "--pretrain", "embedded:tiny-qwen2", "--save_path", str(tmp_path / "out"), *extra], nproc=2, check=False)

@@ -24,6 +24,7 @@ must agree to 1e-6 (OpenRLHF's whitening itself runs in fp32: ``.float()`` on th
 
 from __future__ import annotations
 
+import contextlib
 import math
 from types import SimpleNamespace
 
@@ -282,6 +283,27 @@ def test_unknown_estimator_is_user_error_listing_names():
     with pytest.raises(UserError, match="unknown advantage estimator 'ppo'; choose one of gae, reinforce, rloo, reinforce_baseline, group_norm, dr_grpo"):
         get_estimator("ppo")
     assert list(ADVANTAGE_ESTIMATORS) == ESTIMATORS
+
+
+def test_estimator_traits_say_what_each_estimator_does():
+    """The traits table (what config validation and the PPO placement decide by) names exactly
+    the registered functions, and each trait matches the function's behaviour: grouped ones
+    refuse one sample per prompt and gamma != 1, gae needs critic values, discounted ones take gamma."""
+    from rlhf.algos.estimators import ESTIMATORS as TRAITS
+
+    assert list(TRAITS) == list(ADVANTAGE_ESTIMATORS)
+    values = torch.zeros(2, 2)  # [B, T] like _inputs' action mask
+    for name, traits in TRAITS.items():
+        inputs = _inputs([0, 1], 2, gamma=0.9) if traits.discounted else _inputs([0, 1], 2)
+        if traits.needs_critic:
+            inputs.values = values
+        get_estimator(name)(inputs)  # the discounted ones run with gamma 0.9
+        if traits.grouped:
+            with pytest.raises(UserError, match="n_samples_per_prompt >= 2"):
+                get_estimator(name)(_inputs([0, 1], 1))
+        else:
+            with pytest.raises(ValueError, match="needs critic values") if traits.needs_critic else contextlib.nullcontext():
+                get_estimator(name)(_inputs([0, 1], 1))
 
 
 def test_argument_errors():

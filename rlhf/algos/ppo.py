@@ -28,6 +28,7 @@ from typing import Callable, Literal
 
 import torch
 
+from rlhf.algos.estimators import ESTIMATORS, discounted_estimators, estimator_traits
 from rlhf.errors import UserError
 
 KL_LOG_RATIO_CLAMP = 10.0  # |log pi - log ref| bound before exp in the k3 estimator
@@ -257,11 +258,13 @@ class AdvantageInputs:
 
 
 Estimator = Callable[[AdvantageInputs], "tuple[torch.Tensor, torch.Tensor]"]
-ADVANTAGE_ESTIMATORS: dict[str, Estimator] = {}
-DISCOUNTED_ESTIMATORS = ("gae", "reinforce")  # the only ones that take gamma != 1
+ADVANTAGE_ESTIMATORS: dict[str, Estimator] = {}  # name -> function, for each name of estimators.ESTIMATORS
 
 
 def _register(name: str) -> Callable[[Estimator], Estimator]:
+    if name not in ESTIMATORS:  # the traits table is the list of names: an estimator without traits is a bug
+        raise ValueError(f"advantage estimator {name!r} has no entry in rlhf.algos.estimators.ESTIMATORS")
+
     def add(fn: Estimator) -> Estimator:
         fn = torch.no_grad()(fn)  # advantages and returns are regression targets: no graph
         ADVANTAGE_ESTIMATORS[name] = fn
@@ -272,10 +275,8 @@ def _register(name: str) -> Callable[[Estimator], Estimator]:
 
 def get_estimator(name: str) -> Estimator:
     """The advantage estimator registered under ``name``; an unknown name is a ``UserError`` listing the known ones."""
-    try:
-        return ADVANTAGE_ESTIMATORS[name]
-    except KeyError:
-        raise UserError(f"unknown advantage estimator {name!r}; choose one of {', '.join(ADVANTAGE_ESTIMATORS)}") from None
+    estimator_traits(name)
+    return ADVANTAGE_ESTIMATORS[name]
 
 
 def _normalise(advantages: torch.Tensor, inputs: AdvantageInputs) -> torch.Tensor:
@@ -298,7 +299,7 @@ def _groups(inputs: AdvantageInputs, name: str) -> torch.Tensor:
     if n < 2:
         raise UserError(f"advantage estimator {name!r} compares the samples of a prompt: set n_samples_per_prompt >= 2 (got {n})")
     if inputs.gamma != 1.0:
-        raise UserError(f"advantage estimator {name!r} uses undiscounted returns: set gamma = 1 (got {inputs.gamma}); gamma applies to {' and '.join(DISCOUNTED_ESTIMATORS)}")
+        raise UserError(f"advantage estimator {name!r} uses undiscounted returns: set gamma = 1 (got {inputs.gamma}); gamma applies to {' and '.join(discounted_estimators())}")
     if B % n:
         raise ValueError(f"batch of {B} sequences is not whole groups of n_samples_per_prompt = {n}")
     return _fp32(inputs.seq_rewards).view(B // n, n)
