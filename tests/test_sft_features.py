@@ -138,13 +138,13 @@ def test_s3_dataset_in_and_export_out(tmp_path, s3_env):
 
 
 @pytest.mark.slow
-def test_sft_preset_learns_addition(tmp_path):
-    """The README's main job: eval loss on held-out sums falls below 0.4 nats/token (measured: ~0.17)."""
-    out = tmp_path / "model"
-    run_trainer("rlhf.sft", ["--config", "configs/sft_tiny.yaml", "--save_path", str(out), "--ckpt_path", str(tmp_path / "ckpt")], timeout=1200)
-    evals = [r["eval_loss"] for r in read_jsonl(out / "metrics.jsonl") if "eval_loss" in r]
+def test_sft_preset_learns_addition(sft_teacher_model):
+    """The README's main job, first half: eval loss on held-out sums (scored against the TRUE
+    answers, while the teacher's demonstrations are one too high 60% of the time) falls from ~2.05
+    to ~0.50 nats/token; a model that had learned nothing would stay above 1."""
+    evals = [r["eval_loss"] for r in read_jsonl(sft_teacher_model / "metrics.jsonl") if "eval_loss" in r]
     assert evals[0] > 1.0
-    assert evals[-1] < 0.4, f"eval loss curve {evals}"
+    assert evals[-1] < 0.7, f"eval loss curve {evals}"
 
 
 def test_bf16_trains(tmp_path):
