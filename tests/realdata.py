@@ -36,6 +36,9 @@ from typing import Iterable
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
+# Qwen2's own split regex (transformers rebuilds Qwen2 tokenizers with it, see rlhf.models.tiny).
+from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX as QWEN2_SPLIT_REGEX
+
 # ----------------------------------------------------------------------------------------------
 # Rows. Short, but with the real field names, nesting and quirks (multi-turn, system turns,
 # non-ASCII text, trailing spaces a template may trim).
@@ -252,9 +255,6 @@ def corpus() -> list[str]:
 
 # ----------------------------------------------------------------------------------------------
 # Tokenizer families
-
-# Qwen2's own split regex (transformers rebuilds Qwen2 tokenizers with it, see rlhf.models.tiny).
-from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX as QWEN2_SPLIT_REGEX  # noqa: E402
 
 QWEN_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 # ChatML with a default system message when the conversation has none, as Qwen2.5 writes it.
