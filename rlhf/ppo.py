@@ -625,6 +625,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         timings = dict.fromkeys(("generate", "sync", "score", "train"), 0.0)
         actor_batch, critic_batch, exp_stats = make_experience(cfg, roles, scorer, my_prompts, timings)
         started = time.perf_counter()
+        lr = actor.lr if actor is not None else 0.0  # the rate this step's updates start at (the scheduler moves on inside them)
         train_sums = dict.fromkeys(("policy_loss", "clip_fraction", "approx_kl", "entropy", "ptx_loss", "actor_updates", "value_loss", "critic_updates"), 0.0)
         seed = cfg.train.seed * 7919 + step
         if actor_batch is not None and step >= algo.freezing_actor_steps:
@@ -646,7 +647,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             record["ptx_loss"] = totals["ptx_loss"] / actor_steps
         if use_critic:
             record["value_loss"] = totals["value_loss"] / max(totals["critic_updates"] / topology.dp_size("critic"), 1.0)
-        record.update({f"time_{k}": v for k, v in timings.items()}, kl_coef=kl_ctl.value, lr=actor.lr if actor is not None else 0.0)
+        record.update({f"time_{k}": v for k, v in timings.items()}, kl_coef=kl_ctl.value, lr=lr)
         if weight_sync is not None or vllm:
             record["weight_sync_mb"] = (weight_sync or generator).last_bytes / 2**20
         if vllm:

@@ -92,6 +92,7 @@ def run(loop: Loop, engine: TrainEngine, total_steps: int, per_epoch: int, check
         if epoch != plan_of_epoch:
             plan, plan_of_epoch = _epoch_plan(cfg, loop.lengths, epoch), epoch
         started = time.perf_counter()
+        lr = engine.lr  # the rate this step's update uses (the scheduler moves on inside it)
         step_batches = step_micro_batches(plan, step_in_epoch, loop.dp_size, accumulation)  # [rank][k] -> indices
         normaliser = loop.step_normaliser([loop.items[i] for r in step_batches for mb in r for i in mb])
         sums: dict[str, float] = {}
@@ -101,7 +102,7 @@ def run(loop: Loop, engine: TrainEngine, total_steps: int, per_epoch: int, check
         record = _reduce_step_metrics(sums, normaliser, loop.dp_size * accumulation)
         elapsed = time.perf_counter() - started
         step_tokens = sum(loop.lengths[i] for r in step_batches for mb in r for i in mb)
-        record.update(lr=engine.lr, grad_norm=engine.grad_norm, epoch=epoch, step_seconds=elapsed, tokens_per_s=step_tokens / elapsed)
+        record.update(lr=lr, grad_norm=engine.grad_norm, epoch=epoch, step_seconds=elapsed, tokens_per_s=step_tokens / elapsed)
 
         done = step + 1
         end_of_epoch = done % per_epoch == 0 or done == total_steps

@@ -147,6 +147,14 @@ def test_sft_preset_learns_addition(sft_teacher_model):
     assert evals[-1] < 0.7, f"eval loss curve {evals}"
 
 
+def test_logged_lr_is_the_rate_the_step_used(tmp_path):
+    """Linear warm-up over 2 of 4 steps starts at 0, so step 1 updates nothing: the log says lr 0
+    there, then half the peak, then the peak (each step's own rate, not the next step's)."""
+    records = run_sft(tmp_path, "--max_steps", "4", "--lr_warmup_ratio", "0.5", "--lr_scheduler", "constant_with_warmup", "--learning_rate", "1e-3", "--eval_steps", "-1")
+    steps = [r for r in records if "loss" in r]
+    assert [r["lr"] for r in steps] == pytest.approx([0.0, 5e-4, 1e-3, 1e-3])
+
+
 def test_bf16_trains(tmp_path):
     records = run_sft(tmp_path, "--dataset", "embedded:arith/sft_train.jsonl", "--bf16", "--zero_stage", "2", "--max_steps", "10")
     assert_loss_falls(records, 0.8)
