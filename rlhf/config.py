@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import logging
 import os
 import sys
 from dataclasses import dataclass, field
@@ -687,8 +688,12 @@ class PPOConfig:
             raise UserError(f"--temperature must be > 0 for RL rollouts, got {self.rollout.temperature}")
         if not (algo.reward_func or algo.reward_pretrain or algo.remote_rm_url):
             raise UserError("PPO needs a reward: give --reward_func module:function, --reward_pretrain MODEL and/or --remote_rm_url URL")
-        if algo.normalize_reward and not algo.reward_pretrain:
-            raise UserError("--normalize_reward normalises reward-model scores, but no --reward_pretrain is given: drop the flag or add a reward model")
+        if algo.normalize_reward and not algo.reward_pretrain and os.environ.get("RANK", "0") == "0":  # every rank validates: say it once
+            # A warning, not an error: OpenRLHF's trainer ignores the flag without a reward model
+            # too, and its own remote-RM example script passes it (the reward server normalises).
+            logging.getLogger("rlhf").warning(
+                "--normalize_reward has no effect without --reward_pretrain: the rewards of --remote_rm_url / --reward_func are used as they come (normalise them at the source)"
+            )
         if algo.remote_rm_url and algo.remote_rm_url.endswith(".py") and not Path(algo.remote_rm_url).expanduser().is_file():
             raise UserError(f"--remote_rm_url {algo.remote_rm_url}: no such reward file")  # before any model is loaded
         traits = estimator_traits(algo.advantage_estimator)  # an unknown name fails here, before any work

@@ -10,6 +10,7 @@ entry points in the trainer tests. Rows are added where a check is added.
 from __future__ import annotations
 
 import functools
+import logging
 import json
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -93,7 +94,6 @@ CASES = [
     Case("ppo eval holdout out of range", lambda tmp: ppo("--eval_holdout_ratio", "1.5"), ("--eval_holdout_ratio must be in [0, 1), got 1.5",)),
     Case("ppo eval holdout and eval file", lambda tmp: ppo("--eval_holdout_ratio", "0.1", "--eval_prompt_data", "x.jsonl"), ("--eval_holdout_ratio and --eval_prompt_data", "give one")),
     # item 8: flags that would do nothing
-    Case("ppo normalize_reward without reward model", lambda tmp: ppo("--normalize_reward"), ("--normalize_reward", "no --reward_pretrain")),
     Case(
         "generate normalize_reward without reward model",
         lambda tmp: parse_config(GenerateConfig, ["--eval_task", "rm", "--output_key", "output", "--reward_func", "rlhf.rewards:exact_match", "--normalize_reward"]),
@@ -154,3 +154,13 @@ def test_ppo_has_no_eval_set_unless_asked():
     assert cfg.data.eval_prompt_data is None and cfg.data.eval_holdout_ratio == 0.0
     assert ppo("--eval_holdout_ratio", "0.25").data.eval_holdout_ratio == 0.25
     assert parse_config(PPOConfig, ["--config", "configs/grpo_tiny.yaml"]).data.eval_prompt_data == "embedded:arith/prompts_eval.jsonl"
+
+
+def test_normalize_reward_without_a_reward_model_warns(caplog):
+    """--normalize_reward with only a reward function or server parses (OpenRLHF's trainer ignores
+    it there, and its remote-RM example passes it) but says, once, that it does nothing."""
+    with caplog.at_level(logging.WARNING, logger="rlhf"):
+        cfg = ppo("--normalize_reward")
+    assert cfg.algo.normalize_reward
+    lines = [r.getMessage() for r in caplog.records if "--normalize_reward" in r.getMessage()]
+    assert len(lines) == 1 and "no effect without --reward_pretrain" in lines[0], lines
