@@ -280,15 +280,8 @@ def test_rm_task_max_len_cuts_the_response_and_keeps_eos():
             return [ord(c) for c in text]
 
     prompt = SimpleNamespace(ids=[1, 2, 3], row={"output": "abcdef"})
-    import rlhf.generate as generate
-
-    original = generate.encode_rendered
-    generate.encode_rendered = lambda tok, text: tok.encode(text)
-    try:
-        assert responses_from_row(prompt, "output", Tok()) == [97, 98, 99, 100, 101, 102, 0]
-        assert responses_from_row(prompt, "output", Tok(), max_len=6) == [97, 98, 0]  # 3 prompt + 3 response tokens
-    finally:
-        generate.encode_rendered = original
+    assert responses_from_row(prompt, "output", Tok()) == [97, 98, 99, 100, 101, 102, 0]
+    assert responses_from_row(prompt, "output", Tok(), max_len=6) == [97, 98, 0]  # 3 prompt + 3 response tokens
 
 
 # ----------------------------------------------------------------------------------------------

@@ -248,7 +248,7 @@ def test_two_reward_models_remote_service_and_function_combine(sft_tiny_model, t
         "--reward_pretrain", f"{sft_tiny_model},{sft_tiny_model}", "--remote_rm_url", url,
         "--reward_weights", ",".join(map(str, weights)), "--reward_clip_range", "-1000", "1000",
     ))
-    assert sum(calls) == 2 * 16 * 8  # 2 steps x 16 prompts x 8 samples, over both ranks
+    assert sum(calls) == 2 * 32 * 8  # 2 steps x the preset's 32 prompts x 8 samples, over both ranks
     for r in [r for r in read_jsonl(tmp_path / "model" / "metrics.jsonl") if "reward" in r]:
         sources = [r["reward_model0"], r["reward_model1"], r["reward_remote"], r["reward_func"]]
         # (the two reward models differ: a causal-LM checkpoint gets a fresh score head per load)
