@@ -35,7 +35,7 @@ def sync() -> None:
 
 def matmul_peak(dtype: torch.dtype, n: int, seconds: float = 3.0) -> float:
     """Best FLOP/s of an n x n @ n x n matmul in ``dtype`` over ~``seconds`` of repeats."""
-    from rlhf.dist.env import device
+    from rlhf.distributed.env import device
 
     a, b = torch.randn(n, n, dtype=dtype, device=device()), torch.randn(n, n, dtype=dtype, device=device())
     a @ b  # warm-up: thread pool, kernel choice
@@ -65,7 +65,7 @@ def measure_training(hidden: int, layers: int, seq_len: int, tokens_per_step: in
     from transformers import AutoModelForCausalLM
 
     from rlhf.config import TrainConfig
-    from rlhf.dist.env import device
+    from rlhf.distributed.env import device
     from rlhf.engines.train_engine import TrainEngine
 
     config = qwen2_config(hidden, layers, vocab_size=128)
@@ -103,7 +103,7 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29541")
-    from rlhf.dist.env import init_distributed
+    from rlhf.distributed.env import init_distributed
 
     init_distributed()
     peak = {"fp32": matmul_peak(torch.float32, args.peak_n), "bf16": matmul_peak(torch.bfloat16, args.peak_n)}

@@ -47,7 +47,7 @@ def main() -> None:
     os.environ.setdefault("MASTER_PORT", "29533")
     from rlhf.config import ModelConfig, PromptDataConfig, RolloutConfig, TrainConfig
     from rlhf.data.prompts import load_prompts
-    from rlhf.dist.env import init_distributed
+    from rlhf.distributed.env import init_distributed
     from rlhf.engines.train_engine import TrainEngine
     from rlhf.models.loading import load_causal_lm, load_tokenizer
     from rlhf.rollout.hf import HFGenerator

@@ -115,7 +115,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     tokenizer = load_tokenizer(model_cfg)
     conversation = Conversation(tokenizer, cfg.system_prompt)
     if cfg.backend == "vllm":
-        from rlhf.dist.env import init_distributed
+        from rlhf.distributed.env import init_distributed
         from rlhf.rollout.vllm_engine import VLLMGenerator
 
         init_distributed()  # vLLM's external launcher runs inside a (one-rank) process group

@@ -45,14 +45,15 @@ import torch.distributed as dist
 from rlhf.algos.preference import dpo_loss, packed_sequence_logprobs, sequence_logprobs
 from rlhf.data.batching import shard_for_eval
 from rlhf.data.preference import PairSample, collate_pairs, collate_pairs_packed
-from rlhf.dist.env import device, init_distributed
-from rlhf.dist.topology import Topology
+from rlhf.distributed.env import device, init_distributed
+from rlhf.distributed.topology import Topology
 from rlhf.engines.frozen_engine import FrozenEngine
 from rlhf.engines.train_engine import TrainEngine
 from rlhf.errors import exit_on_user_error, run_program
 from rlhf.models.loading import load_causal_lm, load_tokenizer
 from rlhf.rm import load_pairs
-from rlhf.trainer import Loop, all_reduce_sums, finish, plan_total_steps, run
+from rlhf.distributed.collectives import all_reduce_sums
+from rlhf.trainer import Loop, finish, plan_total_steps, run
 
 Forward = Callable[..., Any]  # model inputs -> HF output with .logits
 # (split "train" | "eval", pair indices, those pairs) -> reference log-probs [2B], constants

@@ -34,7 +34,7 @@ import torch.distributed as dist
 
 from rlhf.data.prompts import Prompt, load_prompts
 from rlhf.data.sft import Sample, collate_padded
-from rlhf.dist.env import device, init_distributed
+from rlhf.distributed.env import device, init_distributed
 from rlhf.errors import UserError, exit_on_user_error, run_program
 from rlhf.models.loading import load_causal_lm, load_reward_model, load_tokenizer, resolve_model_path
 from rlhf.rewards import RewardFunction, combine, normalise_score, parse_weights

@@ -50,14 +50,15 @@ from rlhf.data.batching import shard_for_eval
 from rlhf.data.preference import PairSample, UnpairedSample, kto_mismatched_pairs, tokenize_pairs, tokenize_unpaired, warn_if_one_label_class
 from rlhf.data.sft import Sample, collate_packed, collate_padded
 from rlhf.data.sources import load_mixture, load_train_eval
-from rlhf.dist.env import device, init_distributed
-from rlhf.dist.topology import Topology
+from rlhf.distributed.env import device, init_distributed
+from rlhf.distributed.topology import Topology
 from rlhf.dpo import Forward, load_reference, pair_logprobs
 from rlhf.dpo import evaluate as evaluate_dpo_pairs
 from rlhf.engines.train_engine import TrainEngine
 from rlhf.errors import exit_on_user_error, run_program
 from rlhf.models.loading import load_causal_lm, load_tokenizer
-from rlhf.trainer import Loop, all_reduce_sums, finish, plan_total_steps, run
+from rlhf.distributed.collectives import all_reduce_sums
+from rlhf.trainer import Loop, finish, plan_total_steps, run
 
 
 def load_examples(cfg: KTOConfig, tokenizer) -> tuple[list[UnpairedSample], list[UnpairedSample]]:

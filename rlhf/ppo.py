@@ -7,10 +7,10 @@
         --rollout_batch_size 1024 --micro_rollout_batch_size 16 --train_batch_size 128 \\
         --micro_train_batch_size 4 --zero_stage 3 --bf16 --actor_learning_rate 5e-7 --critic_learning_rate 9e-6
 
-Placement (rlhf.dist.topology): colocated, every rank holds a shard of every role (actor,
+Placement (rlhf.distributed.topology): colocated, every rank holds a shard of every role (actor,
 critic, reference, reward) and the phases of a step time-share the ranks; or split, each role on
 its own ranks (--actor_num_gpus_per_node ...), a DeepSpeed engine per role on its own process
-group, with rollouts routed between groups (rlhf.dist.exchange). Generation runs on the actor's
+group, with rollouts routed between groups (rlhf.distributed.exchange). Generation runs on the actor's
 ranks with its live weights, or on rollout ranks of their own that receive the actor's weights
 by broadcast before every rollout (rlhf.rollout.sync). Phases: generate, score (reference
 log-probs, critic values, rewards), advantages (pure functions chosen by
@@ -44,9 +44,9 @@ from rlhf.algos.losses import next_token_logprobs, sft_nll_sum
 from rlhf.data.prompts import Prompt, load_prompts
 from rlhf.data.sft import Sample, collate_padded, tokenize_sft
 from rlhf.data.sources import holdout_split, load_mixture
-from rlhf.dist.env import device, init_distributed
-from rlhf.dist.exchange import SampleRouter
-from rlhf.dist.topology import RoleGroups, Topology
+from rlhf.distributed.env import device, init_distributed
+from rlhf.distributed.exchange import SampleRouter
+from rlhf.distributed.topology import RoleGroups, Topology
 from rlhf.engines.ema import WeightEMA
 from rlhf.engines.frozen_engine import FrozenEngine
 from rlhf.engines.subgroups import SlotParallel, confine_deepspeed_to
@@ -60,7 +60,8 @@ from rlhf.rewards import RewardFunction, combine, normalise_score, parse_weights
 from rlhf.rollout.hf import HFGenerator
 from rlhf.rollout.sync import WeightBroadcast
 from rlhf.rollout.vllm_engine import VLLMGenerator, engine_tp_group
-from rlhf.trainer import all_reduce_sums, all_reduce_tensor, finish
+from rlhf.distributed.collectives import all_reduce_sums, all_reduce_tensor
+from rlhf.trainer import finish
 
 
 

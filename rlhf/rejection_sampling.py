@@ -35,7 +35,7 @@ import torch
 from rlhf.data.batching import plan_epoch, step_micro_batches, steps_in_epoch
 from rlhf.data.prompts import Prompt, load_prompts
 from rlhf.data.sft import Sample
-from rlhf.dist.env import init_distributed
+from rlhf.distributed.env import init_distributed
 from rlhf.engines.train_engine import TrainEngine
 from rlhf.errors import exit_on_user_error, run_program
 from rlhf.generate import ResponseScorer, gather_in_order, write_jsonl_atomic
@@ -45,7 +45,7 @@ from rlhf.models.loading import load_causal_lm, load_tokenizer, resolve_model_pa
 from rlhf.rollout.hf import HFGenerator
 from rlhf.rollout.vllm_engine import VLLMGenerator, engine_tp_group
 from rlhf.sft import batch_tensors, forward_nll, target_tokens
-from rlhf.trainer import all_reduce_sums
+from rlhf.distributed.collectives import all_reduce_sums
 
 
 def keep(cfg: RejectionSamplingConfig, rewards: list[float], n: int) -> list[int]:

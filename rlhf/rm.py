@@ -31,12 +31,13 @@ from rlhf.algos.preference import pairwise_logexp_loss, pairwise_sigmoid_loss
 from rlhf.data.batching import shard_for_eval
 from rlhf.data.preference import PairSample, collate_pairs, tokenize_pairs
 from rlhf.data.sources import load_train_eval
-from rlhf.dist.env import device, init_distributed
-from rlhf.dist.topology import Topology
+from rlhf.distributed.env import device, init_distributed
+from rlhf.distributed.topology import Topology
 from rlhf.engines.train_engine import TrainEngine
 from rlhf.errors import exit_on_user_error, run_program
 from rlhf.models.loading import load_reward_model, load_tokenizer
-from rlhf.trainer import Loop, all_reduce_sums, finish, plan_total_steps, run
+from rlhf.distributed.collectives import all_reduce_sums
+from rlhf.trainer import Loop, finish, plan_total_steps, run
 
 
 def load_pairs(cfg: RMConfig, tokenizer) -> tuple[list[PairSample], list[PairSample]]:

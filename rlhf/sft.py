@@ -24,11 +24,12 @@ from rlhf.algos.losses import sft_nll_sum
 from rlhf.data.batching import shard_for_eval
 from rlhf.data.sft import Sample, collate_packed, collate_padded, tokenize_sft
 from rlhf.data.sources import load_train_eval
-from rlhf.dist.env import device, init_distributed
-from rlhf.dist.topology import Topology
+from rlhf.distributed.env import device, init_distributed
+from rlhf.distributed.topology import Topology
 from rlhf.engines.train_engine import TrainEngine
 from rlhf.errors import exit_on_user_error, run_program
-from rlhf.trainer import Loop, all_reduce_sums, finish, plan_total_steps, run
+from rlhf.distributed.collectives import all_reduce_sums
+from rlhf.trainer import Loop, finish, plan_total_steps, run
 from rlhf.models.loading import load_causal_lm, load_tokenizer
 
 

@@ -24,7 +24,8 @@ import torch
 import torch.distributed as dist
 
 from rlhf.data.batching import plan_epoch, step_micro_batches, steps_in_epoch
-from rlhf.dist.env import LaunchEnv, device
+from rlhf.distributed.collectives import all_reduce_sums
+from rlhf.distributed.env import LaunchEnv
 from rlhf.engines.train_engine import TrainEngine
 from rlhf.errors import UserError
 from rlhf.io.checkpoint import export_hf, latest_checkpoint, load_checkpoint, save_checkpoint
@@ -127,21 +128,6 @@ def _reduce_step_metrics(sums: dict[str, float], normaliser: float, micro_batche
     """Sum every rank's metric sums; divide by the step's normaliser (or micro-batch count)."""
     totals = all_reduce_sums(sums)
     return {k: v / (micro_batches if k in MICRO_MEANS else max(normaliser, 1e-12)) for k, v in totals.items()}
-
-
-def all_reduce_sums(values: dict[str, float], group: Optional[dist.ProcessGroup] = None) -> dict[str, float]:
-    """Element-wise sum of a dict of floats over the group's ranks (all ranks by default; same keys on every rank)."""
-    keys = sorted(values)
-    totals = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=device())
-    dist.all_reduce(totals, group=group)
-    return dict(zip(keys, totals.tolist()))
-
-
-def all_reduce_tensor(tensor: torch.Tensor, group: Optional[dist.ProcessGroup] = None) -> torch.Tensor:
-    """A summed copy of ``tensor`` over the group's ranks."""
-    total = tensor.clone()
-    dist.all_reduce(total, group=group)
-    return total
 
 
 def finish(engine: Optional[TrainEngine], tokenizer: Any, cfg: Any, launch: LaunchEnv, extra_files: Optional[dict[str, str]] = None) -> None:

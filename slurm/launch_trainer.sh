@@ -7,7 +7,7 @@
 #                       the agents meet in a c10d rendezvous on the first node of the job
 #                       (`scontrol show hostnames`), port MASTER_PORT (default 20000 + job id % 20000).
 #   tasks               srun starts one task per rank (submit with --ntasks-per-node=<GPUs>); each
-#                       reads SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID itself (rlhf/dist/env.py).
+#                       reads SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID itself (rlhf/distributed/env.py).
 #
 # Variables (all optional; pass them in the environment of `sbatch`, which exports it):
 #   NPROC_PER_NODE   ranks per node (torchrun mode); default: GPUs SLURM gave the node, else 1

@@ -16,7 +16,7 @@ from rlhf.algos import ppo as ppo_math
 from rlhf.config import PPOConfig, parse_config
 from rlhf.data.prompts import load_prompts
 from rlhf.data.sft import Sample
-from rlhf.dist.env import init_distributed
+from rlhf.distributed.env import init_distributed
 from rlhf.engines.train_engine import TrainEngine
 from rlhf.models.loading import load_causal_lm, load_tokenizer
 from rlhf.ppo import ActorBatch, behaviour_logp_from_training, policy_logp, to_batch, train_actor

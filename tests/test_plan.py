@@ -160,7 +160,7 @@ def measure(config_dir: str, batch: int, seq: int, ckpt: bool) -> dict:
 
     from rlhf.algos.losses import sft_nll_sum
     from rlhf.config import TrainConfig
-    from rlhf.dist.env import init_distributed
+    from rlhf.distributed.env import init_distributed
     from rlhf.engines.train_engine import TrainEngine
 
     def status(key: str) -> int:

@@ -2,8 +2,8 @@
 
 import pytest
 
-from rlhf.dist.env import first_slurm_host, read_launch_env
-from rlhf.dist.topology import Topology
+from rlhf.distributed.env import first_slurm_host, read_launch_env
+from rlhf.distributed.topology import Topology
 from rlhf.errors import UserError
 
 

@@ -22,7 +22,7 @@ import torch.distributed as dist
 
 from rlhf.config import ModelConfig, PromptDataConfig, RolloutConfig, TrainConfig
 from rlhf.data.prompts import load_prompts
-from rlhf.dist.env import init_distributed
+from rlhf.distributed.env import init_distributed
 from rlhf.engines.train_engine import TrainEngine
 from rlhf.models.loading import load_causal_lm, load_tokenizer, resolve_model_path
 from rlhf.rollout.hf import HFGenerator

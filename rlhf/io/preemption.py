@@ -20,7 +20,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from rlhf.dist.env import device
+from rlhf.distributed.env import device
 
 RETRY_EXIT_CODE = 75  # EX_TEMPFAIL
 WARNING_SIGNAL = signal.SIGUSR2

@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 
 from rlhf.config import RolloutConfig
-from rlhf.dist.env import device
+from rlhf.distributed.env import device
 
 
 def stop_token_ids(tokenizer, generation_config) -> list[int]:

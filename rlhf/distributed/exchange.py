@@ -19,7 +19,7 @@ from typing import Any, Sequence
 
 import torch.distributed as dist
 
-from rlhf.dist.topology import Topology
+from rlhf.distributed.topology import Topology
 
 
 class SampleRouter:

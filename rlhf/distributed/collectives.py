@@ -1,0 +1,25 @@
+"""Small collectives every trainer uses: sums of metric dicts and of tensors over a group."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from rlhf.distributed.env import device
+
+
+def all_reduce_sums(values: dict[str, float], group: Optional[dist.ProcessGroup] = None) -> dict[str, float]:
+    """Element-wise sum of a dict of floats over the group's ranks (all ranks by default; same keys on every rank)."""
+    keys = sorted(values)
+    totals = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=device())
+    dist.all_reduce(totals, group=group)
+    return dict(zip(keys, totals.tolist()))
+
+
+def all_reduce_tensor(tensor: torch.Tensor, group: Optional[dist.ProcessGroup] = None) -> torch.Tensor:
+    """A summed copy of ``tensor`` over the group's ranks."""
+    total = tensor.clone()
+    dist.all_reduce(total, group=group)
+    return total
