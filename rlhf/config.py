@@ -706,6 +706,19 @@ class PPOConfig:
             raise UserError(f"--rollout_batch_size x --n_samples_per_prompt = {per_step} must be a multiple of --train_batch_size {self.train.train_batch_size}")
         if self.placement.separate_rollout and self.model.lora_rank > 0:
             raise UserError("--rollout_num_gpus_per_node with --lora_rank: rollout ranks of their own need full weights; generate on the actor's ranks (drop --rollout_num_gpus_per_node)")
+        if self.rollout.rollout_backend == "vllm" and self.placement.is_split:
+            raise UserError("--rollout_backend vllm runs vLLM inside every rank: use the colocated placement (drop the per-role GPU counts)")
+
+    def roles(self) -> tuple[str, ...]:
+        """The roles this job places: the actor always; rollout ranks of their own when asked; a
+        critic when the estimator needs one; reward models when given; a reference model unless
+        LoRA makes the actor's base the reference. The memory planner reads the same set."""
+        needs_critic = estimator_traits(self.algo.advantage_estimator).needs_critic
+        wanted = {
+            "actor": True, "rollout": self.placement.separate_rollout, "critic": needs_critic,
+            "reward": bool(self.algo.reward_pretrain), "reference": self.model.lora_rank == 0,
+        }
+        return tuple(role for role, used in wanted.items() if used)
 
 
 @dataclass

@@ -33,47 +33,12 @@ import torch
 import torch.distributed as dist
 
 from rlhf.data.prompts import Prompt, load_prompts
-from rlhf.data.sft import Sample, collate_padded
 from rlhf.distributed.env import device, init_distributed
 from rlhf.errors import UserError, exit_on_user_error, run_program
-from rlhf.models.loading import load_causal_lm, load_reward_model, load_tokenizer, resolve_model_path
-from rlhf.rewards import RewardFunction, combine, normalise_score, parse_weights
+from rlhf.models.loading import load_causal_lm, load_tokenizer, resolve_model_path
+from rlhf.rewards import inference_reward_sources
 from rlhf.rollout.hf import HFGenerator
 from rlhf.rollout.vllm_engine import VLLMGenerator, engine_tp_group
-
-
-class ResponseScorer:
-    """Reward models (plain transformers, frozen) and/or a reward function; the weighted sum."""
-
-    def __init__(self, cfg: GenerateConfig, tokenizer):
-        task = cfg.task
-        self.tokenizer, self.micro, self.normalize = tokenizer, task.micro_batch_size, task.normalize_reward
-        paths = task.reward_pretrain.split(",") if task.reward_pretrain else []
-        frozen = dataclasses.replace(cfg.model, lora_rank=0, load_in_4bit=False, gradient_checkpointing=False)
-        self.models = [load_reward_model(dataclasses.replace(frozen, pretrain=p), pad_token_id=tokenizer.pad_token_id, flag="--reward_pretrain").to(device()).eval() for p in paths]
-        self.fn = RewardFunction(task.reward_func) if task.reward_func else None
-        self.weights = parse_weights(task.reward_weights, len(self.models) + (self.fn is not None))
-
-    @property
-    def active(self) -> bool:
-        return bool(self.models) or self.fn is not None
-
-    @torch.no_grad()
-    def __call__(self, prompts: list[Prompt], responses: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(combined reward [B], per-source rewards [B, sources])."""
-        per_source = []
-        samples = [Sample(p.ids + r, [0] * len(p.ids) + [1] * len(r)) for p, r in zip(prompts, responses)]
-        for model in self.models:
-            scores = []
-            for start in range(0, len(samples), self.micro):
-                batch = {k: v.to(device()) for k, v in collate_padded(samples[start : start + self.micro], self.tokenizer.pad_token_id).items()}
-                scores.append(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.squeeze(-1).float().cpu())
-            score = torch.cat(scores)
-            per_source.append(normalise_score(score, model.config) if self.normalize else score)
-        if self.fn is not None:
-            texts = [self.tokenizer.decode(r, skip_special_tokens=True) for r in responses]
-            per_source.append(self.fn([p.text for p in prompts], texts, [p.label for p in prompts]))
-        return combine(per_source, self.weights, (-float("inf"), float("inf"))), torch.stack(per_source, dim=1)
 
 
 def make_generator(cfg: GenerateConfig, tokenizer, world_size: int, rank: int):
@@ -135,20 +100,20 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         responses, finished = gen.responses, gen.finished
 
     # 4. Scores.
-    scorer = ResponseScorer(cfg, tokenizer)
+    sources = inference_reward_sources(task, cfg.model, tokenizer)
     records = []
     for (i, k), response, done in zip(jobs, responses, finished):
         # `input` is the prompt as the model saw it unless the row has its own (OpenRLHF's layout:
         # the file feeds --eval_task rm and rlhf.sft with their default keys).
         records.append({"input": prompts[i].text, **prompts[i].row, "prompt": prompts[i].text, "output": tokenizer.decode(response, skip_special_tokens=True), "finished": done, "_row": i, "_sample": k})
-    if scorer.active and jobs:
-        reward, per_source = scorer([prompts[i] for i, _ in jobs], responses)
-        for record, r, sources in zip(records, reward.tolist(), per_source.tolist()):
-            record.update(reward=r, rewards=sources)
+    if sources.active and jobs:
+        reward, per_source = sources.score([prompts[i] for i, _ in jobs], responses, tokenizer, task.micro_batch_size)
+        for record, r, *each in zip(records, reward.tolist(), *(v.tolist() for v in per_source.values())):
+            record.update(reward=r, rewards=each)
 
     # 5. Gather in input order; rank 0 writes.
     everything = gather_in_order(records, world)
-    if scorer.active and task.best_of_n > 1:
+    if sources.active and task.best_of_n > 1:
         mark_best(everything)
     if launch.is_rank0:
         rows = [{k: v for k, v in r.items() if not k.startswith("_")} for r in everything]

@@ -500,9 +500,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
 
     # 1. Launch: place the roles (colocated, or split over rank ranges) and build their groups.
     launch = init_distributed()
-    use_critic = estimator_traits(algo.advantage_estimator).needs_critic
+    in_use = cfg.roles()
+    use_critic = "critic" in in_use
     reward_paths = algo.reward_pretrain.split(",") if algo.reward_pretrain else []
-    in_use = ("actor",) + (("rollout",) if cfg.placement.separate_rollout else ()) + (("critic",) if use_critic else ()) + (("reward",) if reward_paths else ()) + (("reference",) if cfg.model.lora_rank == 0 else ())
     placement = cfg.placement
     if placement.is_split:
         topology = Topology.split(launch.world_size, placement.role_sizes(in_use), placement.shared_roles(in_use))
@@ -518,8 +518,6 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             topology.check_divides(role, cfg.train.train_batch_size, "--train_batch_size")
     vllm = rollout.rollout_backend == "vllm"
     tp = rollout.vllm_tensor_parallel_size
-    if vllm and not topology.is_colocated:
-        raise UserError("--rollout_backend vllm runs vLLM inside every rank: use the colocated placement (drop the per-role GPU counts)")
     if vllm and (launch.world_size % tp or (rollout.vllm_num_engines not in (None, launch.world_size // tp))):
         raise UserError(f"--vllm_num_engines {rollout.vllm_num_engines} x --vllm_tensor_parallel_size {tp} must equal the {launch.world_size} ranks (one engine per group of {tp} consecutive ranks)")
     groups = topology.build_groups()

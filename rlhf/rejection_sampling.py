@@ -38,10 +38,11 @@ from rlhf.data.sft import Sample
 from rlhf.distributed.env import init_distributed
 from rlhf.engines.train_engine import TrainEngine
 from rlhf.errors import exit_on_user_error, run_program
-from rlhf.generate import ResponseScorer, gather_in_order, write_jsonl_atomic
+from rlhf.generate import gather_in_order, write_jsonl_atomic
 from rlhf.io.checkpoint import export_hf
 from rlhf.metrics import MetricsLogger
 from rlhf.models.loading import load_causal_lm, load_tokenizer, resolve_model_path
+from rlhf.rewards import RewardSources, inference_reward_sources
 from rlhf.rollout.hf import HFGenerator
 from rlhf.rollout.vllm_engine import VLLMGenerator, engine_tp_group
 from rlhf.sft import batch_tensors, forward_nll, target_tokens
@@ -77,13 +78,13 @@ def sft_round(engine: TrainEngine, samples: list[Sample], cfg: RejectionSampling
 
 
 @torch.no_grad()
-def mean_greedy_reward(generator, scorer: ResponseScorer, prompts: list[Prompt], rank: int, world: int) -> float:
+def mean_greedy_reward(generator, sources: RewardSources, prompts: list[Prompt], tokenizer, micro: int, rank: int, world: int) -> float:
     """Mean reward of greedy responses to ``prompts`` (sharded over ranks)."""
     mine = prompts[rank::world]
     total = 0.0
     if mine:
         responses = generator.generate([p.ids for p in mine], greedy=True).responses
-        total = scorer(mine, responses)[0].sum().item()
+        total = sources.score(mine, responses, tokenizer, micro)[0].sum().item()
     sums = all_reduce_sums({"reward": total, "n": float(len(mine))})
     return sums["reward"] / max(sums["n"], 1.0)
 
@@ -117,19 +118,19 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         )
     else:
         generator = HFGenerator(engine.module, tokenizer, cfg.rollout, engine.unpartitioned)
-    scorer = ResponseScorer(cfg, tokenizer)
+    sources = inference_reward_sources(task, cfg.model, tokenizer)
     metrics_path = cfg.log.metrics_path or os.path.join(select.output_dir, "metrics.jsonl")
     logger = MetricsLogger(metrics_path, cfg.log, dataclasses.asdict(cfg), "rejection_sampling", max(select.iterations, 1), enabled=launch.is_rank0)
 
     # 4. Rounds.
     if eval_prompts:
-        logger.log(0, {"eval_reward": _eval(generator, engine, scorer, eval_prompts, rank, world)})
+        logger.log(0, {"eval_reward": _eval(generator, engine, sources, eval_prompts, tokenizer, task.micro_batch_size, rank, world)})
     for round_ in range(max(select.iterations, 1)):
         if isinstance(generator, VLLMGenerator):
             generator.refresh(engine)
         jobs = [(i, k) for i in mine for k in range(n)]
         responses = generator.generate([prompts[i].ids for i, _ in jobs]).responses if jobs else []
-        rewards = scorer([prompts[i] for i, _ in jobs], responses)[0].tolist() if jobs else []
+        rewards = sources.score([prompts[i] for i, _ in jobs], responses, tokenizer, task.micro_batch_size)[0].tolist() if jobs else []
         chosen = keep(cfg, rewards, n)
         records = [
             {**prompts[jobs[j][0]].row, "prompt": prompts[jobs[j][0]].text, "output": tokenizer.decode(responses[j], skip_special_tokens=True), "reward": rewards[j],
@@ -147,7 +148,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             random.Random(cfg.train.seed + round_).shuffle(samples)
             record.update(sft_round(engine, samples, cfg, tokenizer.pad_token_id, rank, world, cfg.train.seed + round_))
             if eval_prompts:
-                record["eval_reward"] = _eval(generator, engine, scorer, eval_prompts, rank, world)
+                record["eval_reward"] = _eval(generator, engine, sources, eval_prompts, tokenizer, task.micro_batch_size, rank, world)
         logger.log(round_ + 1, record)
     logger.close()
 
@@ -156,10 +157,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         export_hf(engine, tokenizer, os.path.join(select.output_dir, "model"))
 
 
-def _eval(generator, engine: TrainEngine, scorer: ResponseScorer, prompts: list[Prompt], rank: int, world: int) -> float:
+def _eval(generator, engine: TrainEngine, sources: RewardSources, prompts: list[Prompt], tokenizer, micro: int, rank: int, world: int) -> float:
     if isinstance(generator, VLLMGenerator):
         generator.refresh(engine)
-    return mean_greedy_reward(generator, scorer, prompts, rank, world)
+    return mean_greedy_reward(generator, sources, prompts, tokenizer, micro, rank, world)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,8 @@ retries stops the job: a reward is never silently zero. ``--remote_rm_url path/r
 OpenRLHF's other form: a file defining ``reward_func(queries, prompts, labels)`` (a query is
 prompt + response), called in this process. Rewards must be numbers: strings are refused.
 The combined sequence reward is ``sum_k w_k * r_k`` (reward models first, then the remote
-service, then the function).
+service, then the function). ``RewardSources`` holds a job's sources in that order; PPO, batch
+inference and rejection sampling all score through it.
 """
 
 from __future__ import annotations
@@ -22,11 +23,13 @@ import math
 import time
 import urllib.error
 import urllib.request
+from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
 
 import torch
 
-from rlhf.data.sft import load_user_function
+from rlhf.data.sft import Sample, collate_padded, load_user_function
+from rlhf.distributed.env import device
 from rlhf.errors import UserError, describe_value
 
 
@@ -148,3 +151,100 @@ def combine(per_source: Sequence[torch.Tensor], weights: Sequence[float], clip: 
     """Weighted sum of the per-source rewards [B] each, clipped -> [B]."""
     total = sum(w * r.float() for w, r in zip(weights, per_source))
     return total.clamp(min=clip[0], max=clip[1])
+
+
+TextSource = Callable[[list[str], list[str], list[Any]], torch.Tensor]  # (prompts, responses, labels) -> [B]
+
+
+@dataclass
+class RewardSources:
+    """A job's reward sources in --reward_weights order: reward models, the remote service, the
+    reward function; and how their scores combine.
+
+    ``models`` are the loaded reward models (a FrozenEngine or a plain module; anything whose
+    output has ``.logits`` [B, 1]); they may be empty on ranks that do not hold them (PPO's reward
+    ranks score, the actor ranks combine), so ``num_models`` counts the --reward_pretrain paths.
+    """
+
+    num_models: int
+    text: dict[str, TextSource]  # source name -> fn, in weight order
+    weights: list[float]
+    clip: tuple[float, float] = (-float("inf"), float("inf"))
+    normalize: bool = False
+    models: list = field(default_factory=list)
+
+    @classmethod
+    def from_flags(
+        cls, *, reward_pretrain: Optional[str], reward_func: Optional[str], weights: Optional[str], normalize: bool,
+        remote_rm_url: Optional[str] = None, remote_timeout: float = 30.0, remote_retries: int = 3,
+        clip: tuple[float, float] = (-float("inf"), float("inf")), load_model: Optional[Callable[[str], Any]] = None,
+    ) -> "RewardSources":
+        """The sources the flags name; ``load_model(path)`` loads each --reward_pretrain model (pass
+        None on ranks that do not hold the reward models)."""
+        paths = model_paths(reward_pretrain)
+        text: dict[str, TextSource] = {}
+        if remote_rm_url:
+            text["reward_remote"] = remote_reward(remote_rm_url, remote_timeout, remote_retries)
+        if reward_func:
+            text["reward_func"] = RewardFunction(reward_func)
+        models = [load_model(p) for p in paths] if load_model is not None else []
+        return cls(len(paths), text, parse_weights(weights, len(paths) + len(text)), clip, normalize, models)
+
+    @property
+    def names(self) -> list[str]:
+        """Per-source metric names, in weight order."""
+        return [f"reward_model{k}" for k in range(self.num_models)] + list(self.text)
+
+    @property
+    def active(self) -> bool:
+        return bool(self.num_models or self.text)
+
+    @torch.no_grad()
+    def model_scores(self, samples: list[Sample], pad_id: int, micro: int) -> torch.Tensor:
+        """Every held reward model's score of each (prompt + response) sample: [B, num_models],
+        standardised with the model's stored statistics under --normalize_reward."""
+        per_model = []
+        for model in self.models:
+            scores = []
+            for start in range(0, len(samples), micro):
+                batch = {k: v.to(device()) for k, v in collate_padded(samples[start : start + micro], pad_id).items()}
+                scores.append(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.squeeze(-1).float().cpu())
+            score = torch.cat(scores) if scores else torch.zeros(0)
+            config = model.module.config if hasattr(model, "module") else model.config
+            per_model.append(normalise_score(score, config) if self.normalize else score)
+        return torch.stack(per_model, dim=1) if per_model else torch.zeros(len(samples), 0)
+
+    def combine(self, model_scores: torch.Tensor, prompts: Sequence[Any], responses: list[str]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Run the text sources on the decoded ``responses`` to ``prompts`` (each with ``.text`` and
+        ``.label``) and add the reward models' ``model_scores`` [B, num_models]: the combined,
+        clipped reward [B] and each source's reward [B] by name."""
+        per_source = {f"reward_model{k}": model_scores[:, k].float() for k in range(self.num_models)}
+        texts, labels = [p.text for p in prompts], [p.label for p in prompts]
+        per_source.update({name: fn(texts, responses, labels) for name, fn in self.text.items()})
+        return combine(list(per_source.values()), self.weights, self.clip), per_source
+
+    def score(self, prompts: Sequence[Any], responses: list[list[int]], tokenizer, micro: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Every source on one rank: prompts (``.ids``, ``.text``, ``.label``) and response ids ->
+        (combined reward [B], per-source rewards [B] by name)."""
+        samples = [Sample(p.ids + r, [0] * len(p.ids) + [1] * len(r)) for p, r in zip(prompts, responses)]
+        texts = [tokenizer.decode(r, skip_special_tokens=True) for r in responses]
+        return self.combine(self.model_scores(samples, tokenizer.pad_token_id, micro), prompts, texts)
+
+
+def inference_reward_sources(task: Any, model: Any, tokenizer) -> RewardSources:
+    """The sources of batch inference and rejection sampling (``task``: their --reward_pretrain,
+    --reward_func, --reward_weights, --normalize_reward): plain frozen models on this rank."""
+    from rlhf.models.loading import frozen_model_config, load_reward_model
+
+    def load(path: str):
+        frozen = frozen_model_config(model, path)
+        return load_reward_model(frozen, pad_token_id=tokenizer.pad_token_id, flag="--reward_pretrain").to(device()).eval()
+
+    return RewardSources.from_flags(
+        reward_pretrain=task.reward_pretrain, reward_func=task.reward_func, weights=task.reward_weights, normalize=task.normalize_reward, load_model=load
+    )
+
+
+def model_paths(reward_pretrain: Optional[str]) -> list[str]:
+    """--reward_pretrain 'a,b' -> ['a', 'b']."""
+    return reward_pretrain.split(",") if reward_pretrain else []

@@ -8,6 +8,7 @@ router loss switch.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import os
 from typing import Any, Optional
@@ -17,6 +18,15 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 
 from rlhf.config import ModelConfig
 from rlhf.errors import UserError
+
+
+def frozen_model_config(model: ModelConfig, pretrain: Optional[str] = None) -> ModelConfig:
+    """The config of a frozen model built like ``model`` (reference, reward model, rollout copy):
+    same dtype and attention, no adapters, no 4-bit base, no activation recomputation, no router
+    loss. ``pretrain`` replaces the model path when given."""
+    return dataclasses.replace(
+        model, pretrain=pretrain or model.pretrain, lora_rank=0, load_in_4bit=False, gradient_checkpointing=False, aux_loss_coef=0.0
+    )
 
 
 def resolve_model_path(pretrain: str, flag: str = "--pretrain") -> str:
