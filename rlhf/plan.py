@@ -1,9 +1,20 @@
 """Memory planner: will this job fit, and if not, which flags make it fit?
 
     python -m rlhf.plan --model 70B --gpu A100-80G --num_gpus_per_node 8 --num_nodes 2 --trainer ppo \\
-        --zero_stage 3 --adam_offload --gradient_checkpointing --vllm_num_engines 4 --vllm_tensor_parallel_size 4
-    python -m rlhf.plan --model 7B --gpu RTX4090 --num_gpus_per_node 4 --trainer ppo
-    python -m rlhf.plan --model ./my-model/config.json --gpu H100-80G --trainer dpo --lora_rank 64
+        --reward_pretrain 70B --bf16 --zero_stage 3 --adam_offload --gradient_checkpointing \\
+        --rollout_backend vllm --vllm_num_engines 4 --vllm_tensor_parallel_size 4
+    python -m rlhf.plan --model 7B --gpu RTX4090 --num_gpus_per_node 4 --trainer ppo --reward_pretrain 7B --bf16
+    python -m rlhf.plan --model ./my-model/config.json --gpu H100-80G --trainer dpo --bf16 --lora_rank 64
+    python -m rlhf.plan --model 0.5B --num_gpus_per_node 2 --trainer ppo --config configs/grpo_tiny.yaml
+
+The planner's own flags (``PlanOptions``) are the model's shape (--model), the machines (--gpu,
+--gpu_memory_gb, --num_gpus_per_node, --num_nodes, --device, --cpu_memory_gb) and --trainer.
+Every other flag is the trainer's, parsed by that trainer's own config (``PPOConfig``,
+``DPOConfig``, ... in rlhf/config.py, presets and OpenRLHF spellings included) and checked by its
+``validate()``, so a flag means here what it means to ``python -m rlhf.<trainer>``: no --bf16 is
+fp32, no --reward_pretrain is no reward model, --vllm_num_engines alone is not vLLM. The roles
+are the trainer's too: ``PPOConfig.roles()`` for rlhf.ppo, ``loads_reference`` for DPO / KTO
+(LoRA without --ref_pretrain: the policy with its adapter off is the reference, no second model).
 
 Prints, per role (actor, critic, reward, reference, rollout; DPO/KTO: policy and reference),
 the memory each GPU holds for weights, gradients, optimizer states, activations and KV cache,
@@ -20,14 +31,21 @@ peak memory of a real training step on CPU (``--device cpu``: fp32, "GPU memory"
 
 from __future__ import annotations
 
+import contextlib
+import copy
+import difflib
 import itertools
 import json
+import logging
 import os
-from dataclasses import dataclass, field, replace
+import sys
+from dataclasses import dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
-from typing import Annotated, Literal, Optional, Sequence
+from typing import Any, Iterator, Literal, Optional, Sequence
 
-from rlhf.config import Flat, PlacementConfig
+import yaml
+
+from rlhf.config import DPOConfig, KTOConfig, PlacementConfig, PPOConfig, RMConfig, SFTConfig, flag_names, parse_config
 from rlhf.errors import UserError, exit_on_user_error
 
 GiB = 1024**3
@@ -121,8 +139,10 @@ VLLM_RUNTIME_OVERHEAD = 1 * GiB
 NF4_BYTES_PER_PARAM = 0.5 + 1 / 64 + 4 / (64 * 256)
 
 
-def load_shape(model: str) -> ModelShape:
-    """A named size (``7B``) or the path of an HF ``config.json`` / model folder -> its shape."""
+def find_shape(model: str, flag: str = "--model") -> Optional[ModelShape]:
+    """A named size (``7B``), ``embedded:NAME``, or the path of an HF ``config.json`` / model
+    folder -> its shape; None when ``model`` is none of these here (a hub id, an s3:// URI, a
+    folder on another machine). A local file that is not a decoder config is a ``UserError``."""
     if model.upper() in MODELS:
         return MODELS[model.upper()]
     path = Path(model)
@@ -131,7 +151,7 @@ def load_shape(model: str) -> ModelShape:
     if path.is_dir():
         path = path / "config.json"
     if not path.is_file():
-        raise UserError(f"--model {model}: not a named size ({', '.join(MODELS)}) nor an HF config.json or model folder")
+        return None
     try:
         cfg = json.loads(path.read_text())
         cfg = cfg.get("text_config", cfg)  # multimodal wrappers keep the LM's shape here
@@ -144,7 +164,15 @@ def load_shape(model: str) -> ModelShape:
             head_dim=cfg.get("head_dim"), mirrors=str(path),
         )
     except (ValueError, KeyError, TypeError) as err:
-        raise UserError(f"--model {model}: {path} is not a decoder config this planner reads ({type(err).__name__}: {err})") from None
+        raise UserError(f"{flag} {model}: {path} is not a decoder config this planner reads ({type(err).__name__}: {err})") from None
+
+
+def load_shape(model: str, flag: str = "--model") -> ModelShape:
+    """``find_shape``, where a model that is not found is a ``UserError`` naming ``flag``."""
+    shape = find_shape(model, flag)
+    if shape is None:
+        raise UserError(f"{flag} {model}: not a named size ({', '.join(MODELS)}) nor an HF config.json or model folder")
+    return shape
 
 
 # ----------------------------------------------------------------------------------------------
@@ -311,80 +339,51 @@ def kv_cache_bytes(shape: ModelShape, tokens: int, dtype_bytes: int, tensor_para
 
 
 # ----------------------------------------------------------------------------------------------
-# Configuration
+# Configuration: the planner's own flags, and the trainer's config exactly as the trainer reads it
+
+# The trainer whose flags each --trainer reads: its own config class parses them, so every flag
+# means here what it means to ``python -m rlhf.<trainer>``. grpo is rlhf.ppo with a group baseline.
+TRAINERS: dict[str, type] = {"sft": SFTConfig, "rm": RMConfig, "dpo": DPOConfig, "kto": KTOConfig, "ppo": PPOConfig, "grpo": PPOConfig}
+GRPO_DEFAULTS: dict[str, Any] = {"advantage_estimator": "group_norm", "n_samples_per_prompt": 8}
+"""--trainer grpo: rlhf.ppo's flags with these defaults (a flag or --config preset that sets them wins)."""
+PROG = "python -m rlhf.plan"
+
+
+def entry_point(trainer: str) -> str:
+    """The module that runs a --trainer job: rlhf.ppo for grpo, else rlhf.<trainer>."""
+    return "rlhf.ppo" if trainer == "grpo" else f"rlhf.{trainer}"
 
 
 @dataclass
-class PlanConfig:
-    """Plan the memory of an rlhf job: per role and per GPU, and whether it fits."""
+class PlanOptions:
+    """Plan the memory of an rlhf job: per role and per GPU, and whether it fits.
 
-    model: str = "7B"
-    """A named size (0.5B 1.5B 7B 8B 13B 34B 70B; mirrors Qwen2.5 / Llama-2 / Llama-3 / CodeLlama), an HF config.json or model folder, or embedded:NAME."""
+    These are the planner's own flags. Every other flag is the trainer's (--trainer), parsed by
+    that trainer's own config with its names, defaults and checks, so
+    `python -m rlhf.plan --trainer ppo <the flags of an rlhf.ppo command>` plans that very job."""
+
     trainer: Literal["sft", "rm", "dpo", "kto", "ppo", "grpo"] = "sft"
-    """The job: sft, rm, dpo, kto, ppo (actor, critic, reward, reference) or grpo (no critic)."""
+    """The job: python -m rlhf.sft, rlhf.rm, rlhf.dpo, rlhf.kto or rlhf.ppo, whose flags the others are; grpo: rlhf.ppo with --advantage_estimator group_norm --n_samples_per_prompt 8 unless given."""
+    model: Optional[str] = None
+    """The policy's shape: a named size (0.5B 1.5B 7B 8B 13B 34B 70B; mirrors Qwen2.5 / Llama-2 / Llama-3 / CodeLlama), an HF config.json or model folder, or embedded:NAME (default: --pretrain, when it is one of these). --reward_pretrain, --critic_pretrain and --ref_pretrain take these forms too; a model not found here (a hub id) is planned with the policy's shape."""
     gpu: str = "A100-80G"
     """GPU type: A100-40G A100-80G H100-80G H100-94G H200 B200 L40S L4 A10G A6000 RTX4090 RTX3090 V100-32G."""
     gpu_memory_gb: Optional[float] = None
     """Memory per GPU in GiB, overriding --gpu (with --device cpu: the host's RAM, shared by its --num_gpus_per_node ranks; default this machine's)."""
     num_gpus_per_node: int = 8
-    """GPUs per node."""
+    """GPUs (ranks) per node: torchrun's --nproc_per_node."""
     num_nodes: int = 1
-    """Nodes."""
+    """Nodes: torchrun's --nnodes."""
     device: Literal["gpu", "cpu"] = "gpu"
-    """gpu: bf16 (unless --no-bf16) on --gpu; cpu: fp32 ranks in host RAM (--num_gpus_per_node = ranks per host; the tests measure this)."""
+    """gpu: ranks on --gpu; cpu: ranks in host RAM (--num_gpus_per_node = ranks per host; the tests measure fp32 steps this way). Precision is the trainer's: --bf16, else fp32."""
     cpu_memory_gb: Optional[float] = None
     """CPU memory per node in GiB; when given, offloaded states must fit in it too."""
-    bf16: bool = True
-    """Train in bfloat16 (fp32 master weights); --no-bf16 plans fp32. Ignored with --device cpu (fp32)."""
-    zero_stage: Literal[0, 1, 2, 3] = 2
-    """DeepSpeed ZeRO stage of the trainable roles (frozen roles run 0, or 3 when this is 3)."""
-    adam_offload: bool = False
-    """Adam states (and fp32 gradients) in CPU memory (DeepSpeed CPU-Adam)."""
-    gradient_checkpointing: bool = False
-    """Recompute activations in backward: keep only each layer's input."""
-    lora_rank: int = 0
-    """LoRA rank on all linear layers; 0 trains all weights."""
-    load_in_4bit: bool = False
-    """QLoRA: the frozen base in 4-bit NF4 (needs --lora_rank > 0)."""
-    micro_train_batch_size: int = 8
-    """Samples per GPU per forward/backward (pairs for rm/dpo, which run chosen + rejected at once)."""
-    max_len: int = 2048
-    """sft/rm/dpo/kto: tokens per sample."""
-    prompt_max_len: int = 1024
-    """ppo/grpo: prompt tokens."""
-    generate_max_len: int = 1024
-    """ppo/grpo: generated tokens."""
-    micro_rollout_batch_size: int = 16
-    """ppo/grpo: sequences per GPU per scoring forward, and per engine generating at once."""
-    rollout_backend: Literal["hf", "vllm"] = "hf"
-    """ppo/grpo generation: hf (the actor's gathered weights) or vllm (colocated engines on the actor's GPUs)."""
-    vllm_num_engines: Optional[int] = None
-    """vLLM engines (OpenRLHF's flag; implies --rollout_backend vllm): actor GPUs / --vllm_tensor_parallel_size."""
-    vllm_tensor_parallel_size: int = 1
-    """GPUs per vLLM engine."""
-    vllm_gpu_memory_utilization: float = 0.5
-    """Share of each GPU's memory vLLM takes (weights + KV cache)."""
-    vllm_enable_sleep: bool = False
-    """vLLM frees its memory while the models train (GPU only)."""
-    critic_pretrain: Optional[str] = None
-    """ppo: critic size or config (default: the reward model's, else --model)."""
-    reward_pretrain: Optional[str] = None
-    """ppo/grpo: reward model size or config (default: --model); 'none' for a reward function only."""
-    placement: Annotated[PlacementConfig, Flat] = field(default_factory=PlacementConfig)
     search: bool = True
     """When it does not fit, search for flags that make it fit (--no-search to skip)."""
 
     @property
     def world(self) -> int:
         return self.num_gpus_per_node * self.num_nodes
-
-    @property
-    def dtype_bytes(self) -> int:
-        return 2 if self.bf16 and self.device == "gpu" else 4
-
-    @property
-    def uses_vllm(self) -> bool:
-        return self.rollout_backend == "vllm" or self.vllm_num_engines is not None
 
     def gpu_bytes(self) -> float:
         """Memory of one GPU; on CPU, one rank's share of the host's memory."""
@@ -399,55 +398,193 @@ class PlanConfig:
         norm = {k.replace("-", "").upper(): k for k in GPUS}
         return norm.get(self.gpu.replace("-", "").replace("_", "").upper(), self.gpu)
 
-    def roles(self) -> list[str]:
-        if self.trainer in ("sft", "rm"):
-            return ["actor"]
-        if self.trainer in ("dpo", "kto"):
-            return ["actor"] if self.lora_rank else ["actor", "reference"]  # LoRA: the base with the adapter off is the reference
-        roles = ["actor"] + (["critic"] if self.trainer == "ppo" else [])
-        roles += [] if (self.reward_pretrain or "").lower() == "none" else ["reward"]
-        roles += [] if self.lora_rank else ["reference"]
-        return roles + ["rollout"]
-
-    @property
-    def is_split(self) -> bool:
-        return self.trainer in ("ppo", "grpo") and self.placement.is_split
-
     def validate(self) -> None:
         if self.gpu_key() not in GPUS and self.gpu_memory_gb is None:
             raise UserError(f"--gpu {self.gpu}: unknown GPU type; use one of {', '.join(GPUS)} or give --gpu_memory_gb")
-        for flag in ("num_gpus_per_node", "num_nodes", "micro_train_batch_size", "max_len", "prompt_max_len", "generate_max_len", "micro_rollout_batch_size", "vllm_tensor_parallel_size"):
+        for flag in ("num_gpus_per_node", "num_nodes"):
             if getattr(self, flag) < 1:
                 raise UserError(f"--{flag} must be >= 1, got {getattr(self, flag)}")
-        if self.gpu_memory_gb is not None and self.gpu_memory_gb <= 0:
-            raise UserError(f"--gpu_memory_gb must be > 0, got {self.gpu_memory_gb}")
-        if self.lora_rank < 0:
-            raise UserError(f"--lora_rank must be >= 0, got {self.lora_rank}")
-        if self.load_in_4bit and self.lora_rank == 0:
-            raise UserError("--load_in_4bit (QLoRA) needs --lora_rank > 0: a 4-bit base cannot be trained directly")
-        if not 0 < self.vllm_gpu_memory_utilization <= 1:
-            raise UserError(f"--vllm_gpu_memory_utilization must be in (0, 1], got {self.vllm_gpu_memory_utilization}")
-        load_shape(self.model)
-        for flag in ("critic_pretrain", "reward_pretrain"):
-            value = getattr(self, flag)
-            if value is not None and value.lower() != "none":
-                load_shape(value)
+        for flag in ("gpu_memory_gb", "cpu_memory_gb"):
+            if getattr(self, flag) is not None and getattr(self, flag) <= 0:
+                raise UserError(f"--{flag} must be > 0, got {getattr(self, flag)}")
+        if self.model is not None:
+            load_shape(self.model)
+
+
+def _owner(job: Any, name: str) -> Any:
+    """The object holding trainer option ``name`` in ``job``: the job itself for a top-level
+    option or a section's name, else the section that has it; None if the trainer has no such flag."""
+    if name in {f.name for f in fields(job)}:
+        return job
+    for f in fields(job):
+        section = getattr(job, f.name)
+        if is_dataclass(section) and name in {sub.name for sub in fields(section)}:
+            return section
+    return None
+
+
+def set_flags(job: Any, flags: dict[str, Any], trainer: str) -> None:
+    """Set trainer options by their flag names (``zero_stage=3``) or whole sections by theirs
+    (``placement=PlacementConfig(...)``), as the command line would."""
+    for name, value in flags.items():
+        owner = _owner(job, name)
+        if owner is None:
+            raise UserError(f"--{name} is not a flag of python -m {entry_point(trainer)} (see python -m rlhf.plan --trainer {trainer} --help)")
+        setattr(owner, name, value)
+
+
+def default_job(trainer: str) -> Any:
+    """The trainer's config with its own defaults (grpo: rlhf.ppo's with ``GRPO_DEFAULTS``)."""
+    job = TRAINERS[trainer]()
+    if trainer == "grpo":
+        set_flags(job, GRPO_DEFAULTS, trainer)
+    return job
+
+
+def loads_reference(job: Any) -> bool:
+    """DPO / KTO: whether the job loads a reference model of its own. With LoRA and no
+    --ref_pretrain the reference is the policy with its adapter switched off, no second model
+    (``rlhf.engines.reference.load_reference`` decides the same way; ``check_ref_offload`` in
+    rlhf/config.py refuses --ref_offload there for that reason)."""
+    return not (job.model.lora_rank > 0 and job.ref_pretrain is None)
+
+
+def trainer_roles(job: Any) -> tuple[str, ...]:
+    """The roles a trainer's job places: ``PPOConfig.roles()`` for rlhf.ppo (the actor; rollout
+    ranks of their own when asked; a critic when the estimator needs one; a reward role with
+    --reward_pretrain; a reference unless LoRA); DPO / KTO the policy ('actor') and, when
+    ``loads_reference``, the reference; SFT / RM the trained model alone."""
+    if isinstance(job, PPOConfig):
+        return job.roles()
+    if isinstance(job, (DPOConfig, KTOConfig)):
+        return ("actor", "reference") if loads_reference(job) else ("actor",)
+    return ("actor",)
+
+
+@dataclass(init=False)
+class PlanConfig(PlanOptions):
+    """A job to plan: the planner's options and ``job``, the trainer's own config (``PPOConfig``,
+    ``DPOConfig`` ...), which holds every trainer flag. It reads like the command line:
+    ``cfg.zero_stage`` is the job's --zero_stage, whichever section holds it, and
+    ``PlanConfig(trainer="dpo", lora_rank=8, zero_stage=3)`` or ``dataclasses.replace(cfg,
+    zero_stage=3)`` set trainer flags by their names (a copy of ``job``, then the flags)."""
+
+    job: Any = None
+
+    def __init__(self, *, job: Any = None, **flags: Any) -> None:
+        PlanOptions.__init__(self, **{f.name: flags.pop(f.name) for f in fields(PlanOptions) if f.name in flags})
+        cls = TRAINERS.get(self.trainer)
+        if cls is None:
+            raise UserError(f"--trainer {self.trainer}: use one of {', '.join(TRAINERS)}")
+        if job is not None and not isinstance(job, cls):
+            raise UserError(f"--trainer {self.trainer} plans a {cls.__name__}, not a {type(job).__name__}")
+        self.job = default_job(self.trainer) if job is None else copy.deepcopy(job)
+        set_flags(self.job, flags, self.trainer)
+
+    def __getattr__(self, name: str) -> Any:
+        job = self.__dict__.get("job")
+        owner = None if job is None or name.startswith("_") else _owner(job, name)
+        if owner is None:
+            raise AttributeError(f"{type(self).__name__} (--trainer {self.__dict__.get('trainer')}) has no {name!r}")
+        return getattr(owner, name)
+
+    @property
+    def rl(self) -> bool:
+        """An rlhf.ppo job (ppo, grpo): generation, scoring and training take turns."""
+        return isinstance(self.job, PPOConfig)
+
+    @property
+    def dtype_bytes(self) -> int:
+        return 2 if self.job.model.bf16 else 4
+
+    @property
+    def uses_vllm(self) -> bool:
+        return self.rl and self.job.rollout.rollout_backend == "vllm"
+
+    @property
+    def is_split(self) -> bool:
+        return self.rl and self.job.placement.is_split
+
+    @property
+    def actor_gpus(self) -> int:
+        return split_sizes(self)["actor"] if self.is_split else self.world
+
+    @property
+    def model_name(self) -> str:
+        return self.model or self.job.model.pretrain
+
+    def roles(self) -> list[str]:
+        """The plan's rows: the roles the trainer places (``trainer_roles``) in the order actor,
+        critic, reward, reference, then for rlhf.ppo the generation, 'rollout': on GPUs of its own
+        when ``PPOConfig.roles()`` places that role, else on the actor's GPUs."""
+        placed = trainer_roles(self.job)
+        return [r for r in ("actor", "critic", "reward", "reference") if r in placed] + (["rollout"] if self.rl else [])
+
+    def policy_shape(self) -> ModelShape:
+        """--model's shape, else --pretrain's when the planner can read it here."""
+        if self.model is not None:
+            return load_shape(self.model)
+        pretrain = self.job.model.pretrain
+        shape = find_shape(pretrain, "--pretrain")
+        if shape is None:
+            raise UserError(f"--pretrain {pretrain}: not a model folder, config.json or embedded:NAME here, so the planner cannot read its shape; give --model (a named size: {', '.join(MODELS)}; or a config.json)")
+        return shape
+
+    def role_shapes(self) -> tuple[dict[str, list[ModelShape]], list[str]]:
+        """The models each role loads, as the trainer picks them (rlhf.ppo: the reference is
+        --pretrain, the reward role every --reward_pretrain model, the critic --critic_pretrain,
+        else the first reward model, else --pretrain; DPO / KTO: the reference is --ref_pretrain,
+        else --pretrain), and a note for each model not found here (planned with the policy's shape)."""
+        policy = self.policy_shape()
+        notes: list[str] = []
+
+        def other(path: str, flag: str) -> ModelShape:
+            shape = find_shape(path, flag)
+            if shape is None:
+                note = f"{flag} {path}: not a named size nor a config.json here; planned with the policy's shape"
+                notes.extend([] if note in notes else [note])
+                return policy
+            return shape
+
+        shapes = {"actor": [policy], "reference": [policy]}
+        job = self.job
+        if self.rl:
+            rewards = [other(p, "--reward_pretrain") for p in job.algo.reward_pretrain.split(",")] if job.algo.reward_pretrain else []
+            shapes["reward"] = rewards
+            shapes["critic"] = [other(job.algo.critic_pretrain, "--critic_pretrain") if job.algo.critic_pretrain else rewards[0] if rewards else policy]
+        elif getattr(job, "ref_pretrain", None):
+            shapes["reference"] = [other(job.ref_pretrain, "--ref_pretrain")]
+        return shapes, notes
+
+    def notes(self) -> list[str]:
+        """What the plan assumes that a reader might not expect from the flags."""
+        _, notes = self.role_shapes()
+        if self.device == "gpu" and not self.job.model.bf16:
+            notes.append(f"no --bf16: planned in fp32, as python -m {entry_point(self.trainer)} trains without it")
+        if self.rl and self.job.rollout.vllm_num_engines is not None and not self.uses_vllm:
+            notes.append("--vllm_num_engines without --rollout_backend vllm: rlhf.ppo generates with transformers (hf); add --rollout_backend vllm to plan vLLM")
+        return notes
+
+    def validate(self) -> None:
+        """The planner's checks and the trainer's own ``validate()``: a job the trainer refuses
+        at start-up, the planner refuses with the same message."""
+        PlanOptions.validate(self)
+        self.job.validate()
+        if self.rl and any(p.strip().lower() == "none" for p in (self.job.algo.reward_pretrain or "").split(",")):
+            raise UserError("--reward_pretrain none: rlhf.ppo loads every --reward_pretrain as a reward model; for a job without one leave the flag out (rewards from --reward_func or --remote_rm_url)")
+        self.role_shapes()
         if self.is_split:
-            self.placement.validate()
             sizes = split_sizes(self)
             used = sum(sizes[group[0]] for group in gpu_groups(self))
             if used > self.world:
                 raise UserError(f"split placement: the roles take {used} GPUs ({', '.join(f'{r} {n}' for r, n in sizes.items())}) but there are {self.world}")
         if self.uses_vllm:
-            engines = self.actor_gpus // self.vllm_tensor_parallel_size
-            if self.actor_gpus % self.vllm_tensor_parallel_size or self.vllm_tensor_parallel_size > self.num_gpus_per_node:
-                raise UserError(f"--vllm_tensor_parallel_size {self.vllm_tensor_parallel_size} must divide the actor's {self.actor_gpus} GPUs and fit in a node of {self.num_gpus_per_node}")
+            tp = self.vllm_tensor_parallel_size
+            engines = self.actor_gpus // tp
+            if self.actor_gpus % tp or tp > self.num_gpus_per_node:
+                raise UserError(f"--vllm_tensor_parallel_size {tp} must divide the actor's {self.actor_gpus} GPUs and fit in a node of {self.num_gpus_per_node}")
             if self.vllm_num_engines is not None and self.vllm_num_engines != engines:
-                raise UserError(f"--vllm_num_engines {self.vllm_num_engines}: the engines sit on the actor's GPUs, so it must be {self.actor_gpus} / --vllm_tensor_parallel_size {self.vllm_tensor_parallel_size} = {engines}")
-
-    @property
-    def actor_gpus(self) -> int:
-        return split_sizes(self)["actor"] if self.is_split else self.world
+                raise UserError(f"--vllm_num_engines {self.vllm_num_engines}: the engines sit on the actor's GPUs, so it must be {self.actor_gpus} / --vllm_tensor_parallel_size {tp} = {engines}")
 
 
 def split_sizes(cfg: PlanConfig) -> dict[str, int]:
@@ -520,6 +657,7 @@ class Plan:
     groups: list[GroupPeak]
     cpu_per_node: float
     problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
     @property
     def fits(self) -> bool:
@@ -543,19 +681,20 @@ def _trainable(cfg: PlanConfig, shape: ModelShape, dp: int, nodes: int) -> State
 
 def plan(cfg: PlanConfig) -> Plan:
     """Every role's memory per GPU, the peak of each group of GPUs and the CPU memory per node."""
-    shape = load_shape(cfg.model)
+    shapes, _ = cfg.role_shapes()
+    shape = shapes["actor"][0]
     w = cfg.dtype_bytes
-    reward_shape = shape if cfg.reward_pretrain is None or cfg.reward_pretrain.lower() == "none" else load_shape(cfg.reward_pretrain)
-    critic_shape = load_shape(cfg.critic_pretrain) if cfg.critic_pretrain else reward_shape
     roles = cfg.roles()
     sizes = split_sizes(cfg) if cfg.is_split else {r: cfg.world for r in roles}
     nodes = {r: max(1, -(-n // cfg.num_gpus_per_node)) for r, n in sizes.items()}
-    rl = cfg.trainer in ("ppo", "grpo")
+    rl = cfg.rl
     seq = cfg.prompt_max_len + cfg.generate_max_len if rl else cfg.max_len
     pairs = 2 if cfg.trainer in ("rm", "dpo", "kto") else 1  # chosen + rejected (KTO: + its KL batch) in one forward
     batch = cfg.micro_train_batch_size * pairs
     score_batch = cfg.micro_rollout_batch_size if rl else batch
     ckpt = cfg.gradient_checkpointing
+    # Frozen models' weights in CPU memory: rlhf.ppo's --ref_reward_offload, DPO / KTO's --ref_offload.
+    frozen_offload = cfg.ref_reward_offload if rl else getattr(cfg, "ref_offload", False)
     out: list[RoleMemory] = []
     problems: list[str] = []
     for role in roles:
@@ -565,16 +704,20 @@ def plan(cfg: PlanConfig) -> Plan:
             act = activation_bytes(shape, batch, seq, checkpointing=ckpt, dtype_bytes=w, lm_head=cfg.trainer != "rm")
             out.append(RoleMemory("policy" if cfg.trainer in ("dpo", "kto") else role, n, states, act))
         elif role == "critic":
+            critic_shape = shapes["critic"][0]
             states = model_states_bytes(critic_shape.scorer_params, critic_shape.largest_layer_params, zero_stage=cfg.zero_stage, dp=n, num_nodes=nn, offload_optimizer=cfg.adam_offload, dtype_bytes=w)
             train = activation_bytes(critic_shape, cfg.micro_train_batch_size, seq, checkpointing=ckpt, dtype_bytes=w, lm_head=False)
             out.append(RoleMemory(role, n, states, train))
         elif role in ("reward", "reference"):
-            s = reward_shape if role == "reward" else shape
-            offload = cfg.placement.ref_reward_offload and rl
-            params = s.params if role == "reference" else s.scorer_params
-            states = frozen_states_bytes(params, s.largest_layer_params, zero3=cfg.zero_stage == 3, dp=n, num_nodes=nn, offload=offload, dtype_bytes=w)
-            act = activation_bytes(s, score_batch, seq, checkpointing=False, dtype_bytes=w, lm_head=role == "reference", training=False)
-            out.append(RoleMemory(role, n, states, act))
+            # Every model of the role sits on its GPUs (rlhf.ppo: all reward models on the reward
+            # ranks); they score one after the other, so the largest activation is the peak.
+            states, act = States(), 0.0
+            for s in shapes[role]:
+                params = s.params if role == "reference" else s.scorer_params
+                states = states + frozen_states_bytes(params, s.largest_layer_params, zero3=cfg.zero_stage == 3, dp=n, num_nodes=nn, offload=frozen_offload, dtype_bytes=w)
+                act = max(act, activation_bytes(s, score_batch, seq, checkpointing=False, dtype_bytes=w, lm_head=role == "reference", training=False))
+            note = f"{len(shapes[role])} reward models" if len(shapes[role]) > 1 else ""
+            out.append(RoleMemory(role, n, states, act, note=note))
         elif role == "rollout":
             tp = cfg.vllm_tensor_parallel_size
             if cfg.uses_vllm:
@@ -588,11 +731,15 @@ def plan(cfg: PlanConfig) -> Plan:
                     problems.append(f"vLLM needs {need / GiB:.1f} GiB per GPU (weights {weights / GiB:.1f} + KV {kv / GiB:.1f} + runtime {VLLM_RUNTIME_OVERHEAD / GiB:.0f}) but --vllm_gpu_memory_utilization {cfg.vllm_gpu_memory_utilization:g} gives it {reserved / GiB:.1f}")
                 out.append(RoleMemory("rollout", n, States(weights=weights), 0.0, kv, reserved=reserved, resident=not cfg.vllm_enable_sleep, note=note))
             else:
-                # HF generate on the actor's weights, gathered whole when ZeRO-3 partitions them.
-                gathered = shape.params * w if cfg.zero_stage == 3 and not cfg.lora_rank else 0.0
                 kv = kv_cache_bytes(shape, cfg.micro_rollout_batch_size * seq, w)
                 logits = cfg.micro_rollout_batch_size * shape.vocab * 4 * 2  # one step's logits and probabilities
-                out.append(RoleMemory("rollout", n, States(weights=gathered), logits, kv, resident=False, note="HF generate"))
+                if cfg.placement.separate_rollout:
+                    # Rollout ranks of their own hold a plain copy of the policy, refreshed by broadcast.
+                    out.append(RoleMemory("rollout", n, States(weights=shape.params * w), logits, kv, note="HF generate, a policy copy of its own"))
+                else:
+                    # HF generate on the actor's weights, gathered whole when ZeRO-3 partitions them.
+                    gathered = shape.params * w if cfg.zero_stage == 3 and not cfg.lora_rank else 0.0
+                    out.append(RoleMemory("rollout", n, States(weights=gathered), logits, kv, resident=False, note="HF generate"))
     sets = gpu_groups(cfg)
     overhead = RUNTIME_OVERHEAD_CPU if cfg.device == "cpu" else RUNTIME_OVERHEAD_GPU
     by_name = {("actor" if m.role == "policy" else m.role): m for m in out}
@@ -604,7 +751,7 @@ def plan(cfg: PlanConfig) -> Plan:
         groups.append(GroupPeak([m.role for m in ms], sizes[members[0]], resident + transient + overhead, cfg.gpu_bytes()))
     # CPU per node: each role's per-node share, its nodes' worth spread over the job's nodes.
     cpu = sum(m.states.cpu * nodes.get(m.role if m.role != "policy" else "actor", 1) for m in out) / cfg.num_nodes
-    return Plan(cfg, shape, out, groups, cpu, problems)
+    return Plan(cfg, shape, out, groups, cpu, problems, cfg.notes())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -613,8 +760,9 @@ def plan(cfg: PlanConfig) -> Plan:
 
 def _placements(cfg: PlanConfig) -> list[dict[str, Optional[int]]]:
     """Colocated, then splits of the job's GPUs among the model roles (powers of two per role,
-    whole nodes for roles larger than a node), most GPUs to the actor first."""
-    if cfg.trainer not in ("ppo", "grpo"):
+    whole nodes for roles larger than a node), most GPUs to the actor first. rlhf.ppo runs vLLM
+    in the colocated placement only (``PPOConfig.validate``), so with vLLM there are no splits."""
+    if not cfg.rl or cfg.uses_vllm:
         return [{}]
     model_roles = [r for r in cfg.roles() if r != "rollout"]
     g = cfg.num_gpus_per_node
@@ -635,27 +783,48 @@ def _placements(cfg: PlanConfig) -> list[dict[str, Optional[int]]]:
 def candidates(cfg: PlanConfig) -> list[tuple[PlanConfig, list[str]]]:
     """Configurations near ``cfg``, with the flags that differ, in the order we prefer them:
     memory-saving switches that cost least speed first (ZeRO-3, checkpointing, vLLM sleep and
-    tensor parallelism, then the offloads), and the given placement before splits."""
-    rl = cfg.trainer in ("ppo", "grpo")
+    tensor parallelism, then the offloads), and the given placement before splits. Each one
+    passes the planner's and the trainer's checks (``PlanConfig.validate``)."""
+    rl = cfg.rl
     stages = sorted({cfg.zero_stage, 3}) if cfg.zero_stage >= 2 else [cfg.zero_stage, 2, 3]
-    tps = [t for t in (1, 2, 4, 8) if t >= cfg.vllm_tensor_parallel_size and t <= cfg.num_gpus_per_node] if cfg.uses_vllm else [cfg.vllm_tensor_parallel_size]
-    sleeps = sorted({cfg.vllm_enable_sleep, True}) if cfg.uses_vllm and cfg.device == "gpu" else [cfg.vllm_enable_sleep]
+    tps: list[Optional[int]] = [None]  # rlhf.ppo's generation flags; other trainers have none
+    sleeps: list[Optional[bool]] = [None]
+    offloads: list[Optional[bool]] = [None]
+    if rl:
+        tps = [t for t in (1, 2, 4, 8) if t >= cfg.vllm_tensor_parallel_size and t <= cfg.num_gpus_per_node] if cfg.uses_vllm else [cfg.vllm_tensor_parallel_size]
+        sleeps = sorted({cfg.vllm_enable_sleep, True}) if cfg.uses_vllm and cfg.device == "gpu" else [cfg.vllm_enable_sleep]
+        offloads = sorted({cfg.ref_reward_offload, True})
     out = []
-    for stage, ckpt, tp, sleep, adam, rro in itertools.product(
-        stages, sorted({cfg.gradient_checkpointing, True}), tps, sleeps, sorted({cfg.adam_offload, True}), sorted({cfg.placement.ref_reward_offload, True}) if rl else [cfg.placement.ref_reward_offload]
-    ):
-        for placement in _placements(cfg) if not cfg.is_split else [{}]:
-            new = replace(cfg, zero_stage=stage, gradient_checkpointing=ckpt, vllm_tensor_parallel_size=tp, vllm_enable_sleep=sleep, adam_offload=adam)
-            new = replace(new, placement=replace(cfg.placement, ref_reward_offload=rro, **(dict(placement, colocate_all_models=False) if placement else {})))
-            if new.uses_vllm:
-                new = replace(new, rollout_backend="vllm", vllm_num_engines=None)  # engines = actor GPUs / TP
-            try:
-                new.validate()
-            except UserError:
-                continue
-            out.append((new, _flag_diff(cfg, new)))
+    with _quiet_trainer_warnings():
+        for stage, ckpt, tp, sleep, adam, rro in itertools.product(stages, sorted({cfg.gradient_checkpointing, True}), tps, sleeps, sorted({cfg.adam_offload, True}), offloads):
+            for placement in _placements(cfg) if not cfg.is_split else [{}]:
+                changes: dict[str, Any] = dict(zero_stage=stage, gradient_checkpointing=ckpt, adam_offload=adam)
+                if rl:
+                    changes.update(vllm_tensor_parallel_size=tp, vllm_enable_sleep=sleep)
+                    changes["placement"] = replace(cfg.placement, ref_reward_offload=rro, **(dict(placement, colocate_all_models=False) if placement else {}))
+                    if cfg.uses_vllm:
+                        changes["vllm_num_engines"] = None  # engines = actor GPUs / TP
+                new = replace(cfg, **changes)
+                try:
+                    new.validate()
+                except UserError:
+                    continue
+                out.append((new, _flag_diff(cfg, new)))
     out.sort(key=lambda item: (sum(SEARCH_COST.get(f.split()[0][2:].replace("no-", ""), 4) for f in item[1]), len(item[1])))
     return out
+
+
+@contextlib.contextmanager
+def _quiet_trainer_warnings() -> Iterator[None]:
+    """The trainer's validate() warns once per job (``--normalize_reward`` without a reward
+    model); the search validates hundreds of variants of the same job."""
+    log = logging.getLogger("rlhf")
+    was = log.disabled
+    log.disabled = True
+    try:
+        yield
+    finally:
+        log.disabled = was
 
 
 # What a change costs in speed, roughly: the search prefers the cheapest set of changes.
@@ -665,22 +834,20 @@ SEARCH_COST = {"zero_stage": 1, "gradient_checkpointing": 1, "vllm_tensor_parall
 def smaller_batches(cfg: PlanConfig) -> list[PlanConfig]:
     """The last resort of the search: halve the micro-batches (training, then scoring) down to 1."""
     out = []
-    train, rollout = cfg.micro_train_batch_size, cfg.micro_rollout_batch_size
+    train, rollout = cfg.micro_train_batch_size, cfg.micro_rollout_batch_size if cfg.rl else 1
     while train > 1 or rollout > 1:
         train, rollout = max(1, train // 2), max(1, rollout // 2)
-        out.append(replace(cfg, micro_train_batch_size=train, micro_rollout_batch_size=rollout))
+        out.append(replace(cfg, micro_train_batch_size=train, **({"micro_rollout_batch_size": rollout} if cfg.rl else {})))
     return out
 
 
 def _flag_diff(old: PlanConfig, new: PlanConfig) -> list[str]:
     """The flags that turn ``old`` into ``new``, as a user adds them to the command line."""
     flags = []
-    names = ["zero_stage", "gradient_checkpointing", "adam_offload", "placement.ref_reward_offload", "vllm_tensor_parallel_size", "vllm_enable_sleep", "micro_train_batch_size", "micro_rollout_batch_size"]
-    names += [f"placement.{p}_num_{what}" for p in PlacementConfig.FLAG_PREFIX.values() for what in ("nodes", "gpus_per_node")]
+    names = ["zero_stage", "gradient_checkpointing", "adam_offload", "ref_reward_offload", "vllm_tensor_parallel_size", "vllm_enable_sleep", "micro_train_batch_size", "micro_rollout_batch_size"]
+    names += [f"{p}_num_{what}" for p in PlacementConfig.FLAG_PREFIX.values() for what in ("nodes", "gpus_per_node")]
     for name in names:
-        section, name = (getattr(old, "placement"), name.split(".")[1]) if name.startswith("placement.") else (old, name)
-        a = getattr(section, name)
-        b = getattr(new.placement if section is old.placement else new, name)
+        a, b = getattr(old, name, None), getattr(new, name, None)  # None: not a flag of this trainer
         if a == b:
             continue
         if isinstance(b, bool):
@@ -697,6 +864,7 @@ def _flag_diff(old: PlanConfig, new: PlanConfig) -> list[str]:
 def suggest(cfg: PlanConfig) -> Optional[tuple[Plan, list[str]]]:
     """The first candidate (cheapest changes) that fits, with the flags to add; None if none does.
     Smaller micro-batches are tried only when no switch makes the given ones fit."""
+    cfg.validate()  # an invalid job would make every candidate invalid: say why instead of "none fits"
     for base in [cfg] + smaller_batches(cfg):
         for new, flags in candidates(base):
             p = plan(new)
@@ -714,11 +882,11 @@ def _gib(x: float) -> str:
 
 
 def describe(cfg: PlanConfig) -> str:
-    shape = load_shape(cfg.model)
-    name = f"{cfg.model} ({shape.mirrors}, {shape.params / 1e9:.2f}B params)" if shape.mirrors else cfg.model
+    shape = cfg.policy_shape()
+    name = f"{cfg.model_name} ({shape.mirrors}, {shape.params / 1e9:.2f}B params)" if shape.mirrors else cfg.model_name
     where = f"{cfg.num_nodes} x {cfg.num_gpus_per_node} {cfg.gpu_key()}" if cfg.device == "gpu" else f"{cfg.num_nodes} x {cfg.num_gpus_per_node} CPU ranks"
     precision = "bf16" if cfg.dtype_bytes == 2 else "fp32"
-    opts = [f"ZeRO-{cfg.zero_stage}"] + [o for o, on in (("adam offload", cfg.adam_offload), ("ref/reward offload", cfg.placement.ref_reward_offload), ("grad ckpt", cfg.gradient_checkpointing), (f"LoRA r{cfg.lora_rank}", cfg.lora_rank), ("4-bit", cfg.load_in_4bit)) if on]
+    opts = [f"ZeRO-{cfg.zero_stage}"] + [o for o, on in (("adam offload", cfg.adam_offload), ("ref/reward offload", getattr(cfg, "ref_reward_offload", False)), ("ref offload", getattr(cfg, "ref_offload", False)), ("grad ckpt", cfg.gradient_checkpointing), (f"LoRA r{cfg.lora_rank}", cfg.lora_rank), ("4-bit", cfg.load_in_4bit)) if on]
     if cfg.uses_vllm:
         opts.append(f"vLLM TP{cfg.vllm_tensor_parallel_size} x{cfg.vllm_gpu_memory_utilization:g}" + (" sleep" if cfg.vllm_enable_sleep else ""))
     return f"{cfg.trainer}: {name} on {where} ({cfg.gpu_bytes() / GiB:.0f} GiB each), {precision}, {', '.join(opts)}, {'split' if cfg.is_split else 'colocated'}"
@@ -735,15 +903,108 @@ def render(p: Plan) -> str:
     cpu_limit = f" of {p.cfg.cpu_memory_gb:g} GiB" if p.cfg.cpu_memory_gb is not None else ""
     lines.append(f"CPU memory per node for offloaded states: {p.cpu_per_node / GiB:.1f} GiB{cpu_limit} (DeepSpeed advises 1.5x this)")
     lines += [f"problem: {x}" for x in p.problems]
+    lines += [f"note: {x}" for x in p.notes]
     lines.append("verdict: fits" if p.fits else "verdict: does not fit")
     return "\n".join(lines)
 
 
+# ----------------------------------------------------------------------------------------------
+# Command line: the planner's flags, then the trainer's, each parsed by its own config
+
+
+def _flag_kinds() -> tuple[set[str], set[str]]:
+    """The planner's flags that take a value, and its switches (--search, --no-search, --no_search)."""
+    switches = {f"--{prefix}{f.name}" for f in fields(PlanOptions) if f.type == "bool" for prefix in ("", "no-", "no_")}
+    return {f"--{f.name}" for f in fields(PlanOptions)} - switches, switches
+
+
+def split_args(args: Sequence[str]) -> tuple[list[str], list[str]]:
+    """``args`` -> (the planner's flags with their values, the trainer's flags as given)."""
+    valued, switches = _flag_kinds()
+    own: list[str] = []
+    theirs: list[str] = []
+    i = 0
+    while i < len(args):
+        flag, eq, _ = args[i].partition("=")
+        n = 2 if flag in valued and not eq else 1
+        (own if flag in valued | switches else theirs).extend(args[i : i + n])
+        i += n
+    return own, theirs
+
+
+def _with_grpo_defaults(args: list[str]) -> list[str]:
+    """rlhf.ppo flags with ``GRPO_DEFAULTS`` for those neither given nor set by the --config preset."""
+    given = {a.partition("=")[0] for a in args if a.startswith("--")}
+    if "--config" in args and args.index("--config") + 1 < len(args):
+        try:
+            preset = yaml.safe_load(Path(args[args.index("--config") + 1]).read_text())
+        except (OSError, yaml.YAMLError):
+            preset = None  # parse_config reports the file itself
+        given |= {f"--{key}" for key in preset} if isinstance(preset, dict) else set()
+    return [t for key, value in GRPO_DEFAULTS.items() if f"--{key}" not in given for t in (f"--{key}", str(value))] + args
+
+
+def _parse_job(trainer: str, args: list[str]) -> Any:
+    """The trainer's flags parsed, preset loaded and validated by the trainer's own config."""
+    cls = TRAINERS[trainer]
+    try:
+        return parse_config(cls, _with_grpo_defaults(args) if trainer == "grpo" else args, prog=f"{PROG} --trainer {trainer}")
+    except UserError as err:
+        # A misspelt planner flag lands among the trainer's: name the planner flag it resembles.
+        valued, switches = _flag_kinds()
+        planner, known = valued | switches, set(flag_names(cls))
+        hints, planner_hit = [], False
+        for flag in dict.fromkeys(a.partition("=")[0] for a in args if a.startswith("--")):
+            negated = flag.startswith(("--no-", "--no_")) and f"--{flag[5:]}" in known  # a switch turned off
+            close = [] if flag in known or negated else difflib.get_close_matches(flag, sorted(known | planner), n=1, cutoff=0.8)
+            if close:
+                planner_hit |= close[0] in planner
+                hints.append(f"{flag}: did you mean {close[0]}{' (a planner flag)' if close[0] in planner else ''}?")
+        if planner_hit and str(err).startswith("unknown option"):
+            head = str(err).split(";")[0].replace(" (see --help for the options)", "")
+            raise UserError(f"{head}; {'; '.join(hints)} (see --help for the options)") from None
+        if cls is PPOConfig and str(err).startswith("PPO needs a reward"):
+            raise UserError(f"{err} (to plan a reward model give its size or config, e.g. --reward_pretrain 70B; a --reward_func or --remote_rm_url takes no GPU memory)") from None
+        raise
+
+
+def print_help(own: list[str]) -> None:
+    """The planner's flags, then the flags of the trainer --trainer names (rlhf.ppo's if none)."""
+    trainer = "ppo"
+    for i, token in enumerate(own):
+        flag, eq, value = token.partition("=")
+        if flag == "--trainer":
+            value = value if eq else (own[i + 1] if i + 1 < len(own) else "")
+            trainer = value if value in TRAINERS else trainer
+    try:
+        parse_config(PlanOptions, ["--help"], prog=PROG)
+    except SystemExit:
+        pass
+    cls = TRAINERS[trainer]
+    print(
+        f"\nEvery other flag is the trainer's: for --trainer {trainer}, python -m {entry_point(trainer)}'s, parsed by its "
+        f"{cls.__name__} with the same names, defaults and checks (below; --trainer NAME --help lists another trainer's).\n",
+        flush=True,
+    )
+    parse_config(cls, ["--help"], prog=f"{PROG} --trainer {trainer}")  # prints and exits 0
+
+
+def parse_plan(argv: Optional[Sequence[str]] = None) -> PlanConfig:
+    """``[planner flags] [trainer flags]`` in any order -> a validated ``PlanConfig``."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    own, theirs = split_args(args)
+    if any(a in ("-h", "--help") for a in args):
+        print_help(own)
+    options = parse_config(PlanOptions, own, prog=PROG)
+    job = _parse_job(options.trainer, theirs)
+    cfg = PlanConfig(job=job, **{f.name: getattr(options, f.name) for f in fields(PlanOptions)})
+    cfg.validate()
+    return cfg
+
+
 @exit_on_user_error
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    from rlhf.config import parse_config
-
-    cfg = parse_config(PlanConfig, argv, prog="python -m rlhf.plan")
+    cfg = parse_plan(argv)
     p = plan(cfg)
     print(render(p))
     if p.fits or not cfg.search:

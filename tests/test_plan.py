@@ -22,8 +22,11 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from rlhf.config import PlacementConfig  # noqa: E402
-from rlhf.plan import GiB, MODELS, ModelShape, PlanConfig, frozen_states_bytes, kv_cache_bytes, load_shape, model_states_bytes, plan, suggest  # noqa: E402
+from rlhf.config import PlacementConfig, PPOConfig, flag_names, parse_config  # noqa: E402
+from rlhf.errors import UserError  # noqa: E402
+from rlhf.plan import (  # noqa: E402
+    GiB, MODELS, TRAINERS, ModelShape, PlanConfig, PlanOptions, frozen_states_bytes, kv_cache_bytes, load_shape, loads_reference, model_states_bytes, parse_plan, plan, render, suggest,
+)
 
 # ----------------------------------------------------------------------------------------------
 # a. Model states agree with DeepSpeed's estimators
@@ -199,8 +202,10 @@ def measure(config_dir: str, batch: int, seq: int, ckpt: bool) -> dict:
 def test_70b_full_ppo_fits_on_16_a100_80g():
     # The OpenRLHF 70B recipe's settings (ZeRO-3, Adam offload, checkpointing, vLLM TP4, micro
     # batches 1 / 2, 1024 + 1024 tokens) on 2 nodes x 8 A100-80G, every role colocated.
-    cfg = PlanConfig(model="70B", trainer="ppo", gpu="A100-80G", num_gpus_per_node=8, num_nodes=2, zero_stage=3, adam_offload=True,
-                     gradient_checkpointing=True, vllm_num_engines=4, vllm_tensor_parallel_size=4, micro_train_batch_size=1, micro_rollout_batch_size=2)
+    # The flags are rlhf.ppo's: bf16 needs --bf16, vLLM needs --rollout_backend vllm, and the reward
+    # role exists because --reward_pretrain names a reward model (here: one of the policy's size).
+    cfg = PlanConfig(model="70B", trainer="ppo", gpu="A100-80G", num_gpus_per_node=8, num_nodes=2, bf16=True, reward_pretrain="70B", zero_stage=3, adam_offload=True,
+                     gradient_checkpointing=True, rollout_backend="vllm", vllm_num_engines=4, vllm_tensor_parallel_size=4, micro_train_batch_size=1, micro_rollout_batch_size=2)
     p = plan(cfg)
     assert {m.role for m in p.roles} == {"actor", "critic", "reward", "reference", "rollout"}
     if not p.fits:
@@ -209,17 +214,17 @@ def test_70b_full_ppo_fits_on_16_a100_80g():
         p, flags = found
         assert p.fits and len(flags) <= 3, flags
     # And from a plain start the search reaches a fitting configuration on the same 16 GPUs.
-    found = suggest(PlanConfig(model="70B", trainer="ppo", num_nodes=2, rollout_backend="vllm", micro_train_batch_size=1, micro_rollout_batch_size=2))
+    found = suggest(PlanConfig(model="70B", trainer="ppo", num_nodes=2, bf16=True, reward_pretrain="70B", rollout_backend="vllm", micro_train_batch_size=1, micro_rollout_batch_size=2))
     assert found is not None and found[0].fits and found[0].cfg.world == 16
 
 
 def test_7b_full_ppo_fits_on_4_rtx4090():
-    cfg = PlanConfig(model="7B", trainer="ppo", gpu="RTX4090", num_gpus_per_node=4, zero_stage=3, adam_offload=True, gradient_checkpointing=True,
+    cfg = PlanConfig(model="7B", trainer="ppo", gpu="RTX4090", num_gpus_per_node=4, bf16=True, reward_pretrain="7B", zero_stage=3, adam_offload=True, gradient_checkpointing=True,
                      placement=PlacementConfig(ref_reward_offload=True), rollout_backend="vllm", vllm_tensor_parallel_size=4, vllm_gpu_memory_utilization=0.4,
                      micro_train_batch_size=1, micro_rollout_batch_size=4)
     p = plan(cfg)
     assert p.fits, p.groups
-    plain = PlanConfig(model="7B", trainer="ppo", gpu="RTX4090", num_gpus_per_node=4, rollout_backend="vllm", micro_train_batch_size=1, micro_rollout_batch_size=4)
+    plain = PlanConfig(model="7B", trainer="ppo", gpu="RTX4090", num_gpus_per_node=4, bf16=True, reward_pretrain="7B", rollout_backend="vllm", micro_train_batch_size=1, micro_rollout_batch_size=4)
     assert not plan(plain).fits
     found = suggest(plain)  # the search finds its own way: ZeRO-3, offloads, vLLM TP 2 with sleep
     assert found is not None and found[0].fits and "--adam_offload" in found[1]
@@ -234,7 +239,7 @@ def test_34b_dpo_full_tuning_fits_on_8_a100_80g():
 
 
 def test_70b_ppo_on_8_a100_40g_does_not_fit():
-    cfg = PlanConfig(model="70B", trainer="ppo", gpu="A100-40G", num_gpus_per_node=8, zero_stage=3, rollout_backend="vllm", vllm_tensor_parallel_size=8, micro_train_batch_size=1, micro_rollout_batch_size=1)
+    cfg = PlanConfig(model="70B", trainer="ppo", gpu="A100-40G", num_gpus_per_node=8, bf16=True, reward_pretrain="70B", zero_stage=3, rollout_backend="vllm", vllm_tensor_parallel_size=8, micro_train_batch_size=1, micro_rollout_batch_size=1)
     assert not plan(cfg).fits
     # Adam offload and the rest bring it under: but 70B x 2 bytes = 128 GiB of reference,
     # reward, actor and critic weights each over 8 x 40 GiB, plus vLLM's copy, never fits.
@@ -252,7 +257,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
 def test_cli_help_and_output():
     helped = _cli("--help")
     assert helped.returncode == 0 and "--vllm_tensor_parallel_size" in helped.stdout and "--zero_stage" in helped.stdout
-    run = _cli("--model", "70B", "--gpu", "A100-40G", "--trainer", "ppo", "--zero_stage", "3", "--rollout_backend", "vllm", "--vllm_tensor_parallel_size", "8", "--micro_train_batch_size", "1", "--micro_rollout_batch_size", "1")
+    run = _cli("--model", "70B", "--gpu", "A100-40G", "--trainer", "ppo", "--bf16", "--reward_pretrain", "70B", "--zero_stage", "3", "--rollout_backend", "vllm", "--vllm_tensor_parallel_size", "8", "--micro_train_batch_size", "1", "--micro_rollout_batch_size", "1")
     assert run.returncode == 0 and "verdict: does not fit" in run.stdout and "no configuration in the search space fits" in run.stdout
     run = _cli("--model", "34B", "--trainer", "dpo", "--micro_train_batch_size", "1", "--max_len", "4096")
     assert run.returncode == 0 and "suggested: add --zero_stage 3" in run.stdout and run.stdout.rstrip().endswith("verdict: fits")
@@ -263,6 +268,178 @@ def test_cli_bad_input_is_one_error_line(args, flag):
     run = _cli(*args)
     errors = [line for line in run.stderr.splitlines() if line.strip()]
     assert run.returncode == 2 and len(errors) == 1 and errors[0].startswith("error: ") and flag in errors[0], run.stderr
+
+
+# ----------------------------------------------------------------------------------------------
+# e. The trainer's flags, read by the trainer's own config (issue 14, item 5)
+
+REWARD_FUNC = "rlhf.rewards:exact_match"
+
+
+def _rows(cfg: PlanConfig) -> list[str]:
+    return [m.role for m in plan(cfg).roles]
+
+
+def test_ppo_reward_role_only_with_reward_pretrain():
+    # rlhf.ppo places a reward-model role only for --reward_pretrain; rewards from a function or a
+    # remote service take no GPU memory. (The planner used to add a reward model of --model's
+    # shape whenever --reward_pretrain was missing, and took 'none' to mean no reward model.)
+    by_function = PlanConfig(model="7B", trainer="ppo", bf16=True, reward_func=REWARD_FUNC)
+    assert _rows(by_function) == ["actor", "critic", "reference", "rollout"]
+    remote = PlanConfig(model="7B", trainer="ppo", bf16=True, remote_rm_url="http://localhost:5000/get_reward")
+    assert "reward" not in _rows(remote)
+    one = plan(PlanConfig(model="7B", trainer="ppo", bf16=True, reward_pretrain="7B"))
+    assert [m.role for m in one.roles] == ["actor", "critic", "reward", "reference", "rollout"]
+    two = plan(PlanConfig(model="7B", trainer="ppo", bf16=True, reward_pretrain="7B,7B"))  # both on the reward ranks
+    reward_weights = [next(m.states.weights for m in p.roles if m.role == "reward") for p in (one, two)]
+    assert reward_weights[1] == pytest.approx(2 * reward_weights[0])
+    # The critic starts from the first reward model (rlhf.ppo's default), else from --pretrain.
+    critic = {m.role: m for m in plan(PlanConfig(model="7B", trainer="ppo", bf16=True, reward_pretrain="13B")).roles}["critic"]
+    assert critic.states.weights == pytest.approx(MODELS["13B"].scorer_params * 2)
+    # From the command line: no reward source at all is rlhf.ppo's own error; 'none' is not a model.
+    for args in ([], ["--reward_pretrain", "none"]):
+        run = _cli("--model", "7B", "--trainer", "ppo", *args)
+        errors = [line for line in run.stderr.splitlines() if line.strip()]
+        assert run.returncode == 2 and len(errors) == 1 and "--reward_pretrain" in errors[0], run.stderr
+    run = _cli("--model", "7B", "--trainer", "ppo", "--bf16", "--reward_func", REWARD_FUNC, "--no-search")
+    assert run.returncode == 0 and "\nreward " not in run.stdout and "\ncritic " in run.stdout
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [
+        dict(reward_func=REWARD_FUNC),
+        dict(reward_pretrain="7B"),
+        dict(reward_pretrain="7B", lora_rank=16),
+        dict(reward_func=REWARD_FUNC, advantage_estimator="group_norm", n_samples_per_prompt=4),
+        dict(reward_pretrain="7B", advantage_estimator="rloo", n_samples_per_prompt=2, lora_rank=8),
+        dict(reward_pretrain="7B", placement=PlacementConfig(actor_num_gpus_per_node=4, critic_num_gpus_per_node=2, reward_num_gpus_per_node=1, ref_num_gpus_per_node=1)),
+        dict(reward_func=REWARD_FUNC, advantage_estimator="group_norm", n_samples_per_prompt=2, placement=PlacementConfig(actor_num_gpus_per_node=4, ref_num_gpus_per_node=2, rollout_num_gpus_per_node=2)),
+    ],
+)
+def test_ppo_roles_are_ppo_config_roles(flags):
+    cfg = PlanConfig(model="7B", trainer="ppo", bf16=True, **flags)
+    cfg.validate()
+    placed = cfg.job.roles()
+    rows = _rows(cfg)
+    assert [r for r in rows if r != "rollout"] == [r for r in placed if r != "rollout"]
+    assert rows[-1] == "rollout"  # generation: on GPUs of its own when placed, else on the actor's
+    rollout = next(m for m in plan(cfg).roles if m.role == "rollout")
+    if "rollout" in placed:  # a plain policy copy of its own, refreshed by broadcast
+        assert rollout.gpus == 2 and rollout.states.weights == MODELS["7B"].params * 2
+    else:
+        assert rollout.gpus == cfg.actor_gpus
+
+
+@pytest.mark.parametrize("trainer", ["dpo", "kto"])
+def test_dpo_kto_reference_as_the_trainer_loads_it(trainer):
+    # rlhf.engines.reference.load_reference: with LoRA and no --ref_pretrain the reference is the
+    # policy with its adapter off, no second model; with --ref_pretrain it is that model. (The
+    # planner used to drop the reference for any --lora_rank > 0, even with --ref_pretrain.)
+    def reference(**flags):
+        cfg = PlanConfig(model="7B", trainer=trainer, bf16=True, **flags)
+        cfg.validate()
+        assert loads_reference(cfg.job) == ("reference" in _rows(cfg))
+        return next((m for m in plan(cfg).roles if m.role == "reference"), None)
+
+    assert reference(lora_rank=8) is None
+    assert _rows(PlanConfig(model="7B", trainer=trainer, lora_rank=8)) == ["policy"]
+    for flags, size in ((dict(lora_rank=8, ref_pretrain="7B"), "7B"), (dict(lora_rank=8, ref_pretrain="13B"), "13B"), ({}, "7B"), (dict(ref_pretrain="13B"), "13B")):
+        ref = reference(**flags)
+        assert ref is not None and ref.states.weights == MODELS[size].params * 2, flags  # a full copy per GPU (ZeRO-2 policy: ZeRO-0 reference)
+    offloaded = reference(lora_rank=8, ref_pretrain="7B", ref_offload=True)  # --ref_offload: the weights wait in CPU memory
+    assert offloaded.states.weights == MODELS["7B"].largest_layer_params * 2 and offloaded.states.cpu == MODELS["7B"].params * 2
+    # The trainer refuses --ref_offload where there is no separate reference; so does the planner.
+    with pytest.raises(UserError, match="--ref_offload"):
+        PlanConfig(model="7B", trainer=trainer, lora_rank=8, ref_offload=True).validate()
+    run = _cli("--model", "7B", "--trainer", trainer, "--bf16", "--lora_rank", "8", "--ref_pretrain", "7B", "--no-search")
+    assert run.returncode == 0 and "\nreference " in run.stdout, run.stderr
+    run = _cli("--model", "7B", "--trainer", trainer, "--bf16", "--lora_rank", "8", "--no-search")
+    assert run.returncode == 0 and "\nreference " not in run.stdout and "\npolicy " in run.stdout, run.stderr
+
+
+def _readme_ppo_flags() -> list[str]:
+    """The flags of README.md's PPO command for a real model (8 GPUs, a reward model)."""
+    import re
+    import shlex
+
+    text = (REPO / "README.md").read_text()
+    found = re.search(r"torchrun --nproc_per_node 8 -m rlhf\.ppo --pretrain (?:[^\n]*\\\n)*[^\n]*", text)
+    assert found, "README.md: the PPO command for a real model is gone"
+    tokens = shlex.split(found.group(0).replace("\\\n", " "))
+    return tokens[tokens.index("rlhf.ppo") + 1 :]
+
+
+def test_a_real_ppo_command_plans_as_rlhf_ppo_reads_it():
+    flags = _readme_ppo_flags()
+    assert "--reward_pretrain" in flags and "--bf16" in flags
+    cfg = parse_plan(["--trainer", "ppo", "--model", "8B", "--gpu", "H100-80G", "--num_gpus_per_node", "8", *flags])
+    assert cfg.job == parse_config(PPOConfig, flags)  # every trainer flag read as rlhf.ppo reads it
+    assert (cfg.zero_stage, cfg.dtype_bytes, cfg.micro_train_batch_size, cfg.micro_rollout_batch_size, cfg.gradient_checkpointing) == (3, 2, 4, 16, True)
+    p = plan(cfg)
+    assert [m.role for m in p.roles] == ["actor", "critic", "reward", "reference", "rollout"]
+    # The reward model is a hub id the planner cannot read here: planned with the policy's shape, and said so.
+    assert any(note.startswith("--reward_pretrain OpenRLHF/") for note in p.notes)
+    # The same flags, in any order with the planner's, on the command line.
+    run = _cli(*flags[:6], "--trainer", "ppo", "--model", "8B", *flags[6:], "--gpu", "H100-80G", "--no-search")
+    assert run.returncode == 0 and run.stdout.startswith("ppo: 8B (Llama-3-8B") and "verdict:" in run.stdout, run.stderr
+    assert render(p).splitlines()[2:8] == run.stdout.splitlines()[2:8]
+
+
+@pytest.mark.parametrize("trainer, preset", [("ppo", "grpo_tiny"), ("grpo", "grpo_tiny"), ("dpo", "dpo_tiny"), ("kto", "kto_tiny"), ("rm", "rm_tiny"), ("sft", "sft_tiny")])
+def test_a_trainer_preset_plans_as_the_trainer_reads_it(trainer, preset):
+    args = ["--config", str(REPO / "configs" / f"{preset}.yaml")]
+    cfg = parse_plan(["--trainer", trainer, "--model", "embedded:tiny-qwen2", "--device", "cpu", "--num_gpus_per_node", "2", "--gpu_memory_gb", "8", *args])
+    assert cfg.job == parse_config(TRAINERS[trainer], args)
+    expected = {"ppo": ["actor", "reference", "rollout"], "grpo": ["actor", "reference", "rollout"], "dpo": ["policy", "reference"], "kto": ["policy", "reference"], "rm": ["actor"], "sft": ["actor"]}
+    assert _rows(cfg) == expected[trainer]  # grpo_tiny: --reward_func and group_norm, so no reward model and no critic
+    assert plan(cfg).fits
+
+
+def test_grpo_is_rlhf_ppo_with_a_group_baseline():
+    cfg = PlanConfig(model="7B", trainer="grpo", reward_func=REWARD_FUNC)
+    assert (cfg.advantage_estimator, cfg.n_samples_per_prompt) == ("group_norm", 8) and "critic" not in cfg.roles()
+    assert parse_plan(["--trainer", "grpo", "--model", "7B", "--reward_func", REWARD_FUNC, "--advantage_estimator", "rloo"]).advantage_estimator == "rloo"
+    assert "critic" in parse_plan(["--trainer", "grpo", "--model", "7B", "--reward_func", REWARD_FUNC, "--advantage_estimator", "gae"]).roles()
+
+
+def test_trainer_flags_mean_what_they_mean_to_the_trainer():
+    # No --bf16 is fp32, as in every trainer (the planner used to assume bf16 unless --no-bf16).
+    fp32 = PlanConfig(model="7B", trainer="sft")
+    assert fp32.dtype_bytes == 4 and any("--bf16" in n for n in plan(fp32).notes)
+    assert PlanConfig(model="7B", trainer="sft", bf16=True).dtype_bytes == 2
+    # --vllm_num_engines alone does not switch rlhf.ppo to vLLM (the planner used to say it did).
+    hf = PlanConfig(model="7B", trainer="ppo", bf16=True, reward_func=REWARD_FUNC, vllm_num_engines=8)
+    assert not hf.uses_vllm and any("--rollout_backend vllm" in n for n in plan(hf).notes)
+    assert PlanConfig(model="7B", trainer="ppo", bf16=True, reward_func=REWARD_FUNC, rollout_backend="vllm").uses_vllm
+    # The policy's shape defaults to --pretrain's when the planner can read it.
+    assert PlanConfig(trainer="sft", pretrain="embedded:tiny-qwen2").policy_shape() == load_shape("embedded:tiny-qwen2")
+    with pytest.raises(UserError, match="--pretrain OpenRLHF/x: .*give --model"):
+        PlanConfig(trainer="sft", pretrain="OpenRLHF/x").policy_shape()
+    # A flag the trainer does not have is refused by name; so is what the trainer refuses.
+    with pytest.raises(UserError, match="--micro_rollout_batch_size is not a flag of python -m rlhf.dpo"):
+        PlanConfig(model="7B", trainer="dpo", micro_rollout_batch_size=4)
+    with pytest.raises(UserError, match="--bf16 needs --zero_stage"):
+        PlanConfig(model="7B", trainer="sft", bf16=True, zero_stage=0).validate()
+    # rlhf.ppo runs vLLM colocated only: the search suggests no split placement with it.
+    found = suggest(PlanConfig(model="7B", trainer="ppo", gpu="RTX4090", num_gpus_per_node=4, bf16=True, reward_pretrain="7B", rollout_backend="vllm", micro_train_batch_size=1, micro_rollout_batch_size=4))
+    assert found is not None and not found[0].cfg.is_split
+
+
+def test_no_planner_flag_shadows_a_trainer_flag():
+    planner = {f"--{name}" for name in PlanOptions.__dataclass_fields__}
+    for cls in set(TRAINERS.values()):
+        assert not planner & set(flag_names(cls)), cls.__name__
+
+
+def test_cli_help_shows_the_trainers_flags():
+    helped = _cli("--trainer", "dpo", "--help")
+    assert helped.returncode == 0 and helped.stdout.startswith("usage: python -m rlhf.plan")
+    for flag in ("--num_gpus_per_node", "--gpu_memory_gb", "--ref_pretrain", "--ref_offload", "--lora_rank", "--bf16"):
+        assert flag in helped.stdout, flag
+    run = _cli("--model", "7B", "--trainer", "sft", "--num_gpu_per_node", "4")
+    errors = [line for line in run.stderr.splitlines() if line.strip()]
+    assert run.returncode == 2 and len(errors) == 1 and "did you mean --num_gpus_per_node" in errors[0], run.stderr
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["measure"]:
