@@ -19,7 +19,9 @@ from rlhf.data.sft import Sample
 from rlhf.distributed.env import init_distributed
 from rlhf.engines.train_engine import TrainEngine
 from rlhf.models.loading import load_causal_lm, load_tokenizer
-from rlhf.ppo import ActorBatch, behaviour_logp_from_training, policy_logp, to_batch, train_actor
+from rlhf.rl.experience import ActorBatch, behaviour_logp_from_training
+from rlhf.rl.forward import policy_logp, to_batch
+from rlhf.rl.update import train_actor
 from rlhf.rollout.hf import HFGenerator
 
 

@@ -622,7 +622,7 @@ def test_rollout_diagnostics_count_groups_that_can_teach():
     Two groups have zero variance (GRPO gives them no advantage); pass@4 is 2/3. Rewards
     [1,1,1,1, 0,0,0,0, 1,0,0,0]: mean 5/12, E[r^2] = 5/12, std = sqrt(5/12 - 25/144) = 0.4930.
     Advantages 1 on 6 tokens and -1 on 2 tokens: mean 0.5, E[a^2] 1, std sqrt(0.75)."""
-    from rlhf.algos.ppo import diagnostics_record, rollout_diagnostics
+    from rlhf.algos.ppo import DIAGNOSTIC_SUMS, diagnostics_record, rollout_diagnostics
 
     reward = torch.tensor([1.0, 1, 1, 1, 0, 0, 0, 0, 1, 0, 0, 0])
     mask = torch.zeros(12, 2)
@@ -636,6 +636,9 @@ def test_rollout_diagnostics_count_groups_that_can_teach():
     halves = [rollout_diagnostics(reward[s], adv[s], mask[s], 4) for s in (slice(0, 8), slice(8, 12))]
     sums = {k: halves[0][k] + halves[1][k] for k in halves[0]}
     assert sums == rollout_diagnostics(reward, adv, mask, 4)
+    # A rank without samples adds zeros under the same keys (DIAGNOSTIC_SUMS).
+    assert tuple(sums) == DIAGNOSTIC_SUMS
+    assert rollout_diagnostics(torch.zeros(0), torch.zeros(0, 2), torch.zeros(0, 2), 4) == dict.fromkeys(DIAGNOSTIC_SUMS, 0.0)
     record = diagnostics_record({**sums, "reward": 5.0, "samples": 12.0}, 4)
     assert record["reward_std"] == pytest.approx(math.sqrt(5 / 12 - 25 / 144))
     assert record["advantage_std"] == pytest.approx(math.sqrt(0.75))

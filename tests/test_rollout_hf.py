@@ -30,7 +30,7 @@ def test_actor_logprobs_at_the_sampling_temperature_equal_the_samplers(sft_tiny_
     import torch
 
     from rlhf.data.sft import Sample
-    from rlhf.ppo import policy_logp, to_batch
+    from rlhf.rl.forward import policy_logp, to_batch
 
     model_cfg = ModelConfig(pretrain=str(sft_tiny_model))
     tokenizer = load_tokenizer(model_cfg)

@@ -372,6 +372,12 @@ def dr_grpo(inputs: AdvantageInputs) -> tuple[torch.Tensor, torch.Tensor]:
     return returns, returns.clone()
 
 
+DIAGNOSTIC_SUMS = (
+    "reward_sq", "advantage", "advantage_sq", "advantage_tokens", "nonbinary",
+    "groups", "groups_zero_std", "groups_all_right", "groups_all_wrong", "groups_solved",
+)  # the keys rollout_diagnostics returns: a rank without samples adds zeros under them
+
+
 def rollout_diagnostics(seq_reward: torch.Tensor, advantages: torch.Tensor, action_mask: torch.Tensor, n_samples_per_prompt: int) -> dict[str, float]:
     """Sums over one shard of a rollout that tell whether a step can learn, to be added up over
     the shards and divided by the caller (hence sums, not means).
