@@ -694,6 +694,12 @@ class PPOConfig:
             logging.getLogger("rlhf").warning(
                 "--normalize_reward has no effect without --reward_pretrain: the rewards of --remote_rm_url / --reward_func are used as they come (normalise them at the source)"
             )
+        if self.rollout.vllm_num_engines is not None and self.rollout.rollout_backend != "vllm" and os.environ.get("RANK", "0") == "0":
+            # Ported OpenRLHF scripts pass it with per-role GPU counts (Ray's vLLM actors); here vLLM
+            # runs inside the colocated ranks, so the flag alone must not switch a split job to it.
+            logging.getLogger("rlhf").warning(
+                "--vllm_num_engines without --rollout_backend vllm: rollouts are generated with transformers; add --rollout_backend vllm (colocated placement) to generate with vLLM"
+            )
         if algo.remote_rm_url and algo.remote_rm_url.endswith(".py") and not Path(algo.remote_rm_url).expanduser().is_file():
             raise UserError(f"--remote_rm_url {algo.remote_rm_url}: no such reward file")  # before any model is loaded
         traits = estimator_traits(algo.advantage_estimator)  # an unknown name fails here, before any work

@@ -164,3 +164,18 @@ def test_normalize_reward_without_a_reward_model_warns(caplog):
     assert cfg.algo.normalize_reward
     lines = [r.getMessage() for r in caplog.records if "--normalize_reward" in r.getMessage()]
     assert len(lines) == 1 and "no effect without --reward_pretrain" in lines[0], lines
+
+
+def test_vllm_num_engines_without_the_vllm_backend_warns(caplog):
+    """OpenRLHF's --vllm_num_engines turns on its Ray vLLM actors; here vLLM runs inside the
+    colocated ranks only with --rollout_backend vllm, so the flag alone is accepted (ported split
+    scripts keep running) but says, once, that generation stays with transformers."""
+    with caplog.at_level(logging.WARNING, logger="rlhf"):
+        cfg = ppo("--vllm_num_engines", "2")
+    assert cfg.rollout.rollout_backend == "hf"
+    lines = [r.getMessage() for r in caplog.records if "--vllm_num_engines" in r.getMessage()]
+    assert len(lines) == 1 and "add --rollout_backend vllm" in lines[0], lines
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="rlhf"):
+        ppo("--vllm_num_engines", "1", "--rollout_backend", "vllm")
+    assert not [r for r in caplog.records if "--vllm_num_engines" in r.getMessage()]
