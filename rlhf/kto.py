@@ -27,8 +27,9 @@ prefers right completions to wrong ones more than the reference does).
 
 With ``--eval_pairs`` (rows ``{prompt, chosen, rejected}``, read with ``--prompt_key``,
 ``--chosen_key`` and ``--rejected_key``), eval also scores those preference pairs with the same
-implicit reward (``rlhf.dpo.evaluate``): ``eval_pair_acc``, the share of pairs whose chosen
-response gets the higher reward, and ``eval_pair_margin``, the mean chosen-minus-rejected reward.
+implicit reward (``rlhf.dpo_objective.evaluate_dpo_pairs``, rlhf.dpo's eval): ``eval_pair_acc``,
+the share of pairs whose chosen response gets the higher reward, and ``eval_pair_margin``, the
+mean chosen-minus-rejected reward.
 
 Steps: 1 launch, 2 data, 3 policy and reference, 4 train, 5 export.
 """
@@ -45,15 +46,14 @@ if __name__ == "__main__":
 import torch
 import torch.distributed as dist
 
-from rlhf.algos.preference import kto_kl_estimate, kto_loss, packed_sequence_logprobs, sequence_logprobs
+from rlhf.algos.preference import kto_kl_estimate, kto_loss
 from rlhf.data.batching import shard_for_eval
 from rlhf.data.preference import PairSample, UnpairedSample, kto_mismatched_pairs, tokenize_pairs, tokenize_unpaired, warn_if_one_label_class
-from rlhf.data.sft import Sample, collate_packed, collate_padded
 from rlhf.data.sources import load_mixture, load_train_eval
-from rlhf.distributed.env import device, init_distributed
+from rlhf.distributed.env import init_distributed
 from rlhf.distributed.topology import Topology
-from rlhf.dpo import Forward, load_reference, pair_logprobs
-from rlhf.dpo import evaluate as evaluate_dpo_pairs
+from rlhf.dpo_objective import evaluate_dpo_pairs
+from rlhf.engines.reference import Forward, load_reference, pair_logprobs, sample_logprobs
 from rlhf.engines.train_engine import TrainEngine
 from rlhf.errors import exit_on_user_error, run_program
 from rlhf.models.loading import load_causal_lm, load_tokenizer
@@ -73,17 +73,6 @@ def load_eval_pairs(cfg: KTOConfig, tokenizer) -> list[PairSample]:
         return []
     rows = load_mixture(cfg.eval_pairs, None, cfg.data.eval_split, cfg.data.max_samples, cfg.train.seed)
     return tokenize_pairs(rows, tokenizer, cfg.data)
-
-
-def sample_logprobs(forward: Forward, samples: list[Sample], pad_id: int, packed: bool) -> torch.Tensor:
-    """Summed completion log-probs [N] of the samples, from one forward (padded or packed)."""
-    if packed:
-        batch = {k: v.to(device()) for k, v in collate_packed(samples, pad_id).items()}
-        logits = forward(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits  # [1, T, V]
-        return packed_sequence_logprobs(logits, batch["input_ids"], batch["loss_mask"], batch["sample_ids"], len(samples))
-    batch = {k: v.to(device()) for k, v in collate_padded(samples, pad_id).items()}
-    logits = forward(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits  # [N, T, V]
-    return sequence_logprobs(logits, batch["input_ids"], batch["loss_mask"])
 
 
 def label_metrics(rewards: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:

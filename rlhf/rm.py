@@ -29,8 +29,7 @@ import torch
 
 from rlhf.algos.preference import pairwise_logexp_loss, pairwise_sigmoid_loss
 from rlhf.data.batching import shard_for_eval
-from rlhf.data.preference import PairSample, collate_pairs, tokenize_pairs
-from rlhf.data.sources import load_train_eval
+from rlhf.data.preference import PairSample, collate_pairs, load_pairs
 from rlhf.distributed.env import device, init_distributed
 from rlhf.distributed.topology import Topology
 from rlhf.engines.train_engine import TrainEngine
@@ -38,10 +37,6 @@ from rlhf.errors import exit_on_user_error, run_program
 from rlhf.models.loading import load_reward_model, load_tokenizer
 from rlhf.distributed.collectives import all_reduce_sums
 from rlhf.trainer import Loop, finish, plan_total_steps, run
-
-
-def load_pairs(cfg: RMConfig, tokenizer) -> tuple[list[PairSample], list[PairSample]]:
-    return load_train_eval(cfg.data, cfg.train.seed, lambda rows: tokenize_pairs(rows, tokenizer, cfg.data))
 
 
 def pair_rewards(engine: TrainEngine, pairs: list[PairSample], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -107,7 +102,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
 
     # 2. Data: pairs, each side masked on its response; the plan counts both sides' tokens.
     tokenizer = load_tokenizer(cfg.model)
-    train_pairs, eval_pairs = load_pairs(cfg, tokenizer)
+    train_pairs, eval_pairs = load_pairs(cfg.data, tokenizer, cfg.train.seed)
     lengths = [len(p.chosen.input_ids) + len(p.rejected.input_ids) for p in train_pairs]
     per_epoch, total_steps = plan_total_steps(cfg, lengths, dp, len(train_pairs))
 

@@ -51,6 +51,7 @@ from rlhf.data.sft import (
     collate_packed,
     collate_padded,
 )
+from rlhf.data.sources import load_train_eval
 from rlhf.errors import UserError, describe_value
 
 logger = logging.getLogger(__name__)
@@ -118,6 +119,12 @@ def tokenize_pairs(rows: list[dict], tokenizer, cfg: PreferenceDataConfig) -> li
         pairs.append(PairSample(chosen=_sample(c_ids, c_mask), rejected=_sample(r_ids, r_mask), margin=margin))
     counts.report("pairs", len(pairs), cfg.max_len)
     return pairs
+
+
+def load_pairs(data: PreferenceDataConfig, tokenizer, seed: int) -> tuple[list[PairSample], list[PairSample]]:
+    """Training and eval pairs of a pairwise trainer (reward model, DPO): --dataset, and
+    --eval_dataset or an --eval_holdout_ratio share of the training rows (``load_train_eval``)."""
+    return load_train_eval(data, seed, lambda rows: tokenize_pairs(rows, tokenizer, data))
 
 
 def _margin(row: dict, where: str, cfg: PreferenceDataConfig) -> float:

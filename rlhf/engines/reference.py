@@ -1,0 +1,102 @@
+"""The reference policy of DPO and KTO: how it is loaded, and the summed response log-probs
+that both trainers take from it and from the policy.
+
+The reference is one of (``load_reference``):
+
+* a frozen copy of ``--ref_pretrain`` (default ``--pretrain``) on the same ranks
+  (``FrozenEngine``: ZeRO-3 when the policy is ZeRO-3, else ZeRO-0);
+* with LoRA (``--lora_rank > 0``) and no ``--ref_pretrain``: the policy itself with its adapter
+  switched off (``adapter_off``), which is exactly the frozen base; no second model is loaded.
+
+A ``Forward`` is anything called with model inputs that returns a Hugging Face output with
+``.logits``: the policy's ``TrainEngine``, a ``FrozenEngine``'s ``forward``, or ``adapter_off``.
+Log-probs are summed over the response tokens (the loss mask) of each sequence.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional, Union
+
+import torch
+import torch.distributed as dist
+
+from rlhf.algos.preference import packed_sequence_logprobs, sequence_logprobs
+from rlhf.config import DPOConfig, KTOConfig
+from rlhf.data.batching import shard_for_eval
+from rlhf.data.preference import PairSample, collate_pairs, collate_pairs_packed
+from rlhf.data.sft import Sample, collate_packed, collate_padded
+from rlhf.distributed.env import device
+from rlhf.engines.frozen_engine import FrozenEngine
+from rlhf.engines.train_engine import TrainEngine
+from rlhf.models.loading import frozen_model_config, load_causal_lm
+
+Forward = Callable[..., Any]  # model inputs -> HF output with .logits
+
+
+def pair_logprobs(forward: Forward, pairs: list[PairSample], pad_id: int, packed: bool) -> torch.Tensor:
+    """Summed response log-probs [2B] from one forward: chosen 0..B-1, then rejected B..2B-1."""
+    if packed:
+        batch = {k: v.to(device()) for k, v in collate_pairs_packed(pairs, pad_id).items()}
+        logits = forward(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits  # [1, T, V]
+        return packed_sequence_logprobs(logits, batch["input_ids"], batch["loss_mask"], batch["sample_ids"], 2 * len(pairs))
+    batch = {k: v.to(device()) for k, v in collate_pairs(pairs, pad_id).items()}
+    logits = forward(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits  # [2B, T, V]
+    return sequence_logprobs(logits, batch["input_ids"], batch["loss_mask"])
+
+
+def sample_logprobs(forward: Forward, samples: list[Sample], pad_id: int, packed: bool) -> torch.Tensor:
+    """Summed completion log-probs [N] of the samples, from one forward (padded or packed)."""
+    if packed:
+        batch = {k: v.to(device()) for k, v in collate_packed(samples, pad_id).items()}
+        logits = forward(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits  # [1, T, V]
+        return packed_sequence_logprobs(logits, batch["input_ids"], batch["loss_mask"], batch["sample_ids"], len(samples))
+    batch = {k: v.to(device()) for k, v in collate_padded(samples, pad_id).items()}
+    logits = forward(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits  # [N, T, V]
+    return sequence_logprobs(logits, batch["input_ids"], batch["loss_mask"])
+
+
+def adapter_off(engine: TrainEngine) -> Forward:
+    """The LoRA policy with its adapter disabled: the frozen base model, without a copy."""
+
+    def forward(**inputs):
+        module = engine.module
+        was_training = module.training
+        module.eval()  # a reference never drops out
+        try:
+            with torch.no_grad(), module.disable_adapter():
+                return engine(**inputs)
+        finally:
+            module.train(was_training)
+
+    return forward
+
+
+def load_reference(cfg: Union[DPOConfig, KTOConfig], engine: TrainEngine, dp: int) -> tuple[Forward, Optional[FrozenEngine], int]:
+    """(reference forward, its FrozenEngine or None, parameters of a separately loaded reference)."""
+    if cfg.model.lora_rank > 0 and cfg.ref_pretrain is None:
+        return adapter_off(engine), None, 0
+    # The reference is a plain full-precision-layout copy: no adapter, no 4-bit, no checkpointing.
+    ref_cfg = frozen_model_config(cfg.model, cfg.ref_pretrain)
+    model = load_causal_lm(ref_cfg, flag="--ref_pretrain" if cfg.ref_pretrain else "--pretrain")
+    params = sum(p.numel() for p in model.parameters())
+    ref = FrozenEngine(model, cfg.train, bf16=cfg.model.bf16, dp_size=dp, offload=cfg.ref_offload)
+    return ref.forward, ref, params
+
+
+@torch.no_grad()
+def precompute_reference(forward: Forward, pairs: list[PairSample], micro: int, pad_id: int, packed: bool, rank: int, dp: int) -> torch.Tensor:
+    """Reference log-probs [N, 2] (chosen, rejected) of every pair, identical on every rank.
+
+    Each rank scores its shard in micro-batches (``shard_for_eval``: the same number of forwards
+    on every rank, so ZeRO-3 gathers stay in step); one all-reduce SUM of the zero-filled table
+    then acts as an all-gather, since each row is written by exactly one rank and adding zeros
+    is exact.
+    """
+    table = torch.zeros(len(pairs), 2, dtype=torch.float64, device=device())
+    for indices in shard_for_eval(len(pairs), micro, dp)[rank]:
+        logp = pair_logprobs(forward, [pairs[i] for i in indices] or [pairs[0]], pad_id, packed)  # [2B]
+        if indices:
+            n = len(indices)
+            table[indices] = torch.stack([logp[:n], logp[n:]], dim=1).double()
+    dist.all_reduce(table)
+    return table.float()  # fp32, as the on-the-fly reference returns them
