@@ -19,9 +19,6 @@ Steps: 1 launch, 2 data, 3 generate or read responses, 4 score, 5 gather and wri
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
-from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from rlhf.config import GenerateConfig, answer_help_early, parse_config
@@ -33,8 +30,10 @@ import torch
 import torch.distributed as dist
 
 from rlhf.data.prompts import Prompt, load_prompts
+from rlhf.distributed.collectives import gather_in_order
 from rlhf.distributed.env import device, init_distributed
 from rlhf.errors import UserError, exit_on_user_error, run_program
+from rlhf.io.jsonl import write_jsonl_atomic
 from rlhf.models.loading import load_causal_lm, load_tokenizer, resolve_model_path
 from rlhf.rewards import inference_reward_sources
 from rlhf.rollout.hf import HFGenerator
@@ -49,23 +48,6 @@ def make_generator(cfg: GenerateConfig, tokenizer, world_size: int, rank: int):
         return VLLMGenerator(resolve_model_path(cfg.model.pretrain), tokenizer, cfg.rollout, max_model_len=cfg.task.prompt_max_len + cfg.rollout.generate_max_len, dtype=dtype, seed=cfg.seed, tp_group=tp_group)
     model = load_causal_lm(dataclasses.replace(cfg.model, gradient_checkpointing=False)).to(device()).eval()
     return HFGenerator(model, tokenizer, cfg.rollout)
-
-
-def write_jsonl_atomic(path: str, records: Sequence[dict]) -> None:
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        for record in records:
-            f.write(json.dumps(record, ensure_ascii=False, default=str) + "\n")
-    os.replace(tmp, out)
-
-
-def gather_in_order(records: list[dict], world_size: int) -> list[dict]:
-    """Every rank's records on every rank, sorted back into input order (row, then sample)."""
-    everyone: list = [None] * world_size
-    dist.all_gather_object(everyone, records)
-    return sorted((r for part in everyone for r in part), key=lambda r: (r["_row"], r["_sample"]))
 
 
 @exit_on_user_error

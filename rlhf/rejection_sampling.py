@@ -36,17 +36,17 @@ from rlhf.data.batching import plan_epoch, step_micro_batches, steps_in_epoch
 from rlhf.data.prompts import Prompt, load_prompts
 from rlhf.data.sft import Sample
 from rlhf.distributed.env import init_distributed
+from rlhf.engines.sft_forward import batch_tensors, forward_nll, target_tokens
 from rlhf.engines.train_engine import TrainEngine
 from rlhf.errors import exit_on_user_error, run_program
-from rlhf.generate import gather_in_order, write_jsonl_atomic
 from rlhf.io.checkpoint import export_hf
+from rlhf.io.jsonl import write_jsonl_atomic
 from rlhf.metrics import MetricsLogger
 from rlhf.models.loading import load_causal_lm, load_tokenizer, resolve_model_path
 from rlhf.rewards import RewardSources, inference_reward_sources
 from rlhf.rollout.hf import HFGenerator
 from rlhf.rollout.vllm_engine import VLLMGenerator, engine_tp_group
-from rlhf.sft import batch_tensors, forward_nll, target_tokens
-from rlhf.distributed.collectives import all_reduce_sums
+from rlhf.distributed.collectives import all_reduce_sums, gather_in_order
 
 
 def keep(cfg: RejectionSamplingConfig, rewards: list[float], n: int) -> list[int]:

@@ -20,12 +20,12 @@ if __name__ == "__main__":
 
 import torch
 
-from rlhf.algos.losses import sft_nll_sum
 from rlhf.data.batching import shard_for_eval
-from rlhf.data.sft import Sample, collate_packed, collate_padded, tokenize_sft
+from rlhf.data.sft import Sample, tokenize_sft
 from rlhf.data.sources import load_train_eval
-from rlhf.distributed.env import device, init_distributed
+from rlhf.distributed.env import init_distributed
 from rlhf.distributed.topology import Topology
+from rlhf.engines.sft_forward import batch_tensors, forward_nll, target_tokens
 from rlhf.engines.train_engine import TrainEngine
 from rlhf.errors import exit_on_user_error, run_program
 from rlhf.distributed.collectives import all_reduce_sums
@@ -36,24 +36,6 @@ from rlhf.models.loading import load_causal_lm, load_tokenizer
 def load_samples(cfg: SFTConfig, tokenizer) -> tuple[list[Sample], list[Sample]]:
     """Rows from the configured sources -> tokenized train and eval samples."""
     return load_train_eval(cfg.data, cfg.train.seed, lambda rows: tokenize_sft(rows, tokenizer, cfg.data))
-
-
-def batch_tensors(samples: list[Sample], pad_id: int, packed: bool) -> dict[str, torch.Tensor]:
-    """Model inputs for one micro-batch: padded [B, T] or one packed row [1, sum T]."""
-    batch = collate_packed(samples, pad_id) if packed else collate_padded(samples, pad_id)
-    batch.pop("sample_ids", None)
-    return {k: v.to(device()) for k, v in batch.items()}
-
-
-def forward_nll(engine: TrainEngine, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """Summed NLL of the batch's target tokens, and the MoE router loss if the model has one."""
-    loss_mask = batch.pop("loss_mask")
-    out = engine(**batch, use_cache=False)
-    return sft_nll_sum(out.logits, batch["input_ids"], loss_mask), getattr(out, "aux_loss", None)
-
-
-def target_tokens(samples: Sequence[Sample]) -> int:
-    return sum(sum(s.loss_mask) for s in samples)
 
 
 @torch.no_grad()

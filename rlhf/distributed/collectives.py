@@ -1,4 +1,5 @@
-"""Small collectives every trainer uses: sums of metric dicts and of tensors over a group."""
+"""Small collectives every trainer uses: sums of metric dicts and of tensors over a group, and
+per-rank records gathered back into input order."""
 
 from __future__ import annotations
 
@@ -23,3 +24,10 @@ def all_reduce_tensor(tensor: torch.Tensor, group: Optional[dist.ProcessGroup] =
     total = tensor.clone()
     dist.all_reduce(total, group=group)
     return total
+
+
+def gather_in_order(records: list[dict], world_size: int) -> list[dict]:
+    """Every rank's records on every rank, sorted back into input order (row, then sample)."""
+    everyone: list = [None] * world_size
+    dist.all_gather_object(everyone, records)
+    return sorted((r for part in everyone for r in part), key=lambda r: (r["_row"], r["_sample"]))
