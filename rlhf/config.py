@@ -316,8 +316,15 @@ class RMConfig:
             raise UserError("--packing_samples is not supported by rlhf.rm: the score is read at each sequence's last token of a padded batch")
 
 
+def loads_reference(cfg: Any) -> bool:
+    """DPO / KTO: whether the job loads a reference model of its own. With LoRA and no
+    --ref_pretrain the reference is the policy with its adapter switched off, no second model.
+    The trainers (rlhf.engines.reference.load_reference) and the memory planner both ask here."""
+    return not (cfg.model.lora_rank > 0 and cfg.ref_pretrain is None)
+
+
 def check_ref_offload(cfg: Any) -> None:
-    if cfg.ref_offload and cfg.model.lora_rank > 0 and cfg.ref_pretrain is None:
+    if cfg.ref_offload and not loads_reference(cfg):
         raise UserError("--ref_offload: with --lora_rank the reference is the trained model with its adapter off, there is no separate copy to offload; drop --ref_offload (or give --ref_pretrain)")
 
 

@@ -45,7 +45,7 @@ from typing import Any, Iterator, Literal, Optional, Sequence
 
 import yaml
 
-from rlhf.config import DPOConfig, KTOConfig, PlacementConfig, PPOConfig, RMConfig, SFTConfig, flag_names, parse_config
+from rlhf.config import DPOConfig, KTOConfig, PlacementConfig, PPOConfig, RMConfig, SFTConfig, flag_names, loads_reference, parse_config
 from rlhf.errors import UserError, exit_on_user_error
 
 GiB = 1024**3
@@ -439,14 +439,6 @@ def default_job(trainer: str) -> Any:
     if trainer == "grpo":
         set_flags(job, GRPO_DEFAULTS, trainer)
     return job
-
-
-def loads_reference(job: Any) -> bool:
-    """DPO / KTO: whether the job loads a reference model of its own. With LoRA and no
-    --ref_pretrain the reference is the policy with its adapter switched off, no second model
-    (``rlhf.engines.reference.load_reference`` decides the same way; ``check_ref_offload`` in
-    rlhf/config.py refuses --ref_offload there for that reason)."""
-    return not (job.model.lora_rank > 0 and job.ref_pretrain is None)
 
 
 def trainer_roles(job: Any) -> tuple[str, ...]:

@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from rlhf.algos.preference import packed_sequence_logprobs, sequence_logprobs
-from rlhf.config import DPOConfig, KTOConfig
+from rlhf.config import DPOConfig, KTOConfig, loads_reference
 from rlhf.data.batching import shard_for_eval
 from rlhf.data.preference import PairSample, collate_pairs, collate_pairs_packed
 from rlhf.data.sft import Sample, collate_packed, collate_padded
@@ -73,7 +73,7 @@ def adapter_off(engine: TrainEngine) -> Forward:
 
 def load_reference(cfg: Union[DPOConfig, KTOConfig], engine: TrainEngine, dp: int) -> tuple[Forward, Optional[FrozenEngine], int]:
     """(reference forward, its FrozenEngine or None, parameters of a separately loaded reference)."""
-    if cfg.model.lora_rank > 0 and cfg.ref_pretrain is None:
+    if not loads_reference(cfg):
         return adapter_off(engine), None, 0
     # The reference is a plain full-precision-layout copy: no adapter, no 4-bit, no checkpointing.
     ref_cfg = frozen_model_config(cfg.model, cfg.ref_pretrain)
