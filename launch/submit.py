@@ -75,7 +75,11 @@ class TrainerTask(submitit.helpers.Checkpointable):
             }
         )
         args = self.trainer_argv()
-        print(f"launch.submit: job {job.job_id} rank {job.global_rank}/{job.num_tasks} master {master}:{os.environ['MASTER_PORT']}: {self.module} {' '.join(args)}", flush=True)
+        print(
+            f"launch.submit: job {job.job_id} rank {job.global_rank}/{job.num_tasks} master {master}:{os.environ['MASTER_PORT']}: "
+            f"{self.module} {' '.join(args)}",
+            flush=True,
+        )
         sys.argv = [self.module, *args]
         entry = getattr(importlib.import_module(self.module), "main", None)
         if callable(entry):
@@ -136,27 +140,67 @@ def build_parser() -> argparse.ArgumentParser:
         "submitit's JobEnvironment, checkpoint + requeue on preemption/timeout.",
         epilog="example: python -m launch.submit --nodes 2 --gpus_per_node 8 --partition gpu --time 24:00:00 "
         "-- rlhf.ppo --config configs/grpo_tiny.yaml --ckpt_path /shared/ckpt --save_steps 20",
-        
     )
     p.add_argument("--nodes", type=int, default=1, help="number of nodes (default: 1)")
-    p.add_argument("--gpus_per_node", type=int, default=None, help="GPUs per node (requested as --gpus-per-node); default 8 on SLURM, 0 locally; 0 requests no GPUs (CPU clusters)")
+    p.add_argument(
+        "--gpus_per_node",
+        type=int,
+        default=None,
+        help="GPUs per node (requested as --gpus-per-node); default 8 on SLURM, 0 locally; 0 requests no GPUs (CPU clusters)",
+    )
     p.add_argument("--tasks_per_node", type=int, default=None, help="ranks per node; default: --gpus_per_node, or 1 when that is 0")
     p.add_argument("--cpus_per_task", type=int, default=None, help="CPUs per rank (SLURM --cpus-per-task); default: SLURM's")
     p.add_argument("--partition", default=None, help="SLURM partition")
     p.add_argument("--account", default=None, help="SLURM account")
     p.add_argument("--qos", default=None, help="SLURM quality of service")
-    p.add_argument("--time", type=parse_time, default=parse_time("24:00:00"), help="time limit per job run: minutes, HH:MM:SS or D-HH:MM:SS (default: 24:00:00)")
+    p.add_argument(
+        "--time",
+        type=parse_time,
+        default=parse_time("24:00:00"),
+        help="time limit per job run: minutes, HH:MM:SS or D-HH:MM:SS (default: 24:00:00)",
+    )
     p.add_argument("--mem", type=parse_mem_gb, default=None, help="memory per node, e.g. 64G (default: SLURM's)")
-    p.add_argument("--cluster", choices=["auto", "slurm", "local"], default="auto", help="where to run: slurm (sbatch), local (submitit's local executor, one node, no SLURM), auto (default: slurm when sbatch is on PATH)")
-    p.add_argument("--folder", default="submitit_logs/%j", help="submitit's folder for the job's pickles and logs (%%j = job id); use a fresh one per run (default: submitit_logs/%%j)")
+    p.add_argument(
+        "--cluster",
+        choices=["auto", "slurm", "local"],
+        default="auto",
+        help="where to run: slurm (sbatch), local (submitit's "
+        "local executor, one node, no SLURM), auto "
+        "(default: slurm when sbatch is on PATH)",
+    )
+    p.add_argument(
+        "--folder",
+        default="submitit_logs/%j",
+        help="submitit's folder for the job's pickles and logs (%%j = job id); use a fresh one per run (default: submitit_logs/%%j)",
+    )
     p.add_argument("--job_name", default=None, help="job name (default: rlhf-<trainer>)")
-    p.add_argument("--max_requeues", type=int, default=3, help="how many times a timed-out job may requeue itself (preemptions do not count; default: 3)")
-    p.add_argument("--signal_delay_s", type=int, default=120, help="SLURM sends SIGUSR2 this many seconds before the time limit, to checkpoint and requeue (default: 120)")
+    p.add_argument(
+        "--max_requeues",
+        type=int,
+        default=3,
+        help="how many times a timed-out job may requeue itself (preemptions do not count; default: 3)",
+    )
+    p.add_argument(
+        "--signal_delay_s",
+        type=int,
+        default=120,
+        help="SLURM sends SIGUSR2 this many seconds before the time limit, to checkpoint and requeue (default: 120)",
+    )
     p.add_argument("--constraint", default=None, help="SLURM --constraint (node features)")
     p.add_argument("--exclude", default=None, help="SLURM --exclude (nodes to avoid)")
-    p.add_argument("--setup", action="append", default=[], metavar="CMD", help="shell line run in the sbatch script before the tasks start (repeatable), e.g. 'source venv/bin/activate'")
+    p.add_argument(
+        "--setup",
+        action="append",
+        default=[],
+        metavar="CMD",
+        help="shell line run in the sbatch script before the tasks start (repeatable), e.g. 'source venv/bin/activate'",
+    )
     p.add_argument("--no_wait", action="store_true", help="print the job id and return at once instead of waiting for the job to finish")
-    p.add_argument("trainer", nargs=argparse.REMAINDER, help="-- MODULE [trainer flags]: the trainer to run, e.g. -- rlhf.sft --config configs/sft_tiny.yaml")
+    p.add_argument(
+        "trainer",
+        nargs=argparse.REMAINDER,
+        help="-- MODULE [trainer flags]: the trainer to run, e.g. -- rlhf.sft --config configs/sft_tiny.yaml",
+    )
     return p
 
 
@@ -228,7 +272,9 @@ def wait(job: submitit.Job, poll_s: float = 2.0, grace_s: float = 10.0) -> list:
             if state in FINAL_STATES:
                 ended_since = ended_since or time.monotonic()
                 if time.monotonic() - ended_since > grace_s:
-                    raise RuntimeError(f"job {job.job_id} ended ({state}) without a result from every task; see the logs in {job.paths.folder}")
+                    raise RuntimeError(
+                        f"job {job.job_id} ended ({state}) without a result from every task; see the logs in {job.paths.folder}"
+                    )
             else:
                 ended_since = None
         time.sleep(poll_s)
@@ -249,10 +295,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if opts.nodes < 1:
         parser.error("--nodes must be >= 1")
     if "--save_steps" not in args and "--config" not in args:
-        print("launch.submit: warning: without --save_steps the trainer checkpoints only when warned of a preemption; a job killed without warning (node failure) restarts from step 0", file=sys.stderr)
+        print(
+            "launch.submit: warning: without --save_steps the trainer checkpoints only when warned of a preemption; a job killed "
+            "without warning (node failure) restarts from step 0",
+            file=sys.stderr,
+        )
     executor = make_executor(opts, module)
     job = executor.submit(TrainerTask(module, args))
-    print(f"launch.submit: submitted job {job.job_id} ({module}); logs in {Path(str(opts.folder).replace('%j', str(job.job_id))).resolve()}", flush=True)
+    print(
+        f"launch.submit: submitted job {job.job_id} ({module}); logs in {Path(str(opts.folder).replace('%j', str(job.job_id))).resolve()}",
+        flush=True,
+    )
     if opts.no_wait:
         return 0
     try:

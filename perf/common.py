@@ -29,9 +29,15 @@ def qwen2_config(hidden: int, layers: int, vocab_size: int, tied: bool = False, 
     from transformers import Qwen2Config
 
     return Qwen2Config(
-        vocab_size=vocab_size, hidden_size=hidden, intermediate_size=hidden * 3, num_hidden_layers=layers,
-        num_attention_heads=max(hidden // 64, 1), num_key_value_heads=max(hidden // 128, 1), max_position_embeddings=4096,
-        tie_word_embeddings=tied, **extra,
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=hidden * 3,
+        num_hidden_layers=layers,
+        num_attention_heads=max(hidden // 64, 1),
+        num_key_value_heads=max(hidden // 128, 1),
+        max_position_embeddings=4096,
+        tie_word_embeddings=tied,
+        **extra,
     )
 
 
@@ -41,7 +47,9 @@ def build_model(folder: str, hidden: int, layers: int, tied: bool = False) -> in
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(REPO / "rlhf" / "assets" / "tiny-qwen2")
-    config = qwen2_config(hidden, layers, len(tokenizer), tied, bos_token_id=None, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    config = qwen2_config(
+        hidden, layers, len(tokenizer), tied, bos_token_id=None, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
+    )
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.save_pretrained(folder)
@@ -104,7 +112,11 @@ def alternate(sides: dict[str, Callable[[int], dict]], repeats: int) -> dict[str
         for name, side in sides.items():
             result = side(round_index)
             results[name].append(result)
-            print(f"  round {round_index + 1}/{repeats} {name}: " + ", ".join(f"{k}={v:.4g}" for k, v in result.items() if isinstance(v, (int, float))), flush=True)
+            print(
+                f"  round {round_index + 1}/{repeats} {name}: "
+                + ", ".join(f"{k}={v:.4g}" for k, v in result.items() if isinstance(v, (int, float))),
+                flush=True,
+            )
     return results
 
 
@@ -123,7 +135,9 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
-def write_report(name: str, title: str, command: str, header: list[str], rows: list[list], notes: list[str], chart: Optional[dict] = None) -> Path:
+def write_report(
+    name: str, title: str, command: str, header: list[str], rows: list[list], notes: list[str], chart: Optional[dict] = None
+) -> Path:
     """Write results/NAME.md (table + notes + command + machine) and results/NAME.png (bar chart).
 
     ``chart``: {"labels": [...], "values": [...], "ylabel": str}.

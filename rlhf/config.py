@@ -112,6 +112,7 @@ class DataConfig:
     """Conditional SFT: row field with a quality score that is written into the prompt."""
     score_template: str = "<rm_score>: {score:.1f}"
     """Conditional SFT: how the score is written (a system message with the chat template, else a prompt prefix line)."""
+
     def validate(self) -> None:
         if not 0.0 <= self.eval_holdout_ratio < 1.0:
             raise UserError(f"--eval_holdout_ratio must be in [0, 1), got {self.eval_holdout_ratio}")
@@ -255,7 +256,10 @@ def validate_sections(config: Any) -> None:
             section.validate()
     model, train = getattr(config, "model", None), getattr(config, "train", None)
     if isinstance(model, ModelConfig) and isinstance(train, TrainConfig) and model.bf16 and train.zero_stage == 0:
-        raise UserError("--bf16 needs --zero_stage 1, 2 or 3: DeepSpeed keeps bf16 training's fp32 master weights and gradients in the ZeRO optimizer; use --zero_stage 1")
+        raise UserError(
+            "--bf16 needs --zero_stage 1, 2 or 3: DeepSpeed keeps bf16 training's fp32 master weights and gradients in the "
+            "ZeRO optimizer; use --zero_stage 1"
+        )
 
 
 @dataclass
@@ -274,7 +278,10 @@ class SFTConfig:
         validate_sections(self)
         if self.multiturn:
             if not self.data.apply_chat_template:
-                raise UserError("--multiturn needs --apply_chat_template: the turns of the messages list are rendered with the tokenizer's chat template")
+                raise UserError(
+                    "--multiturn needs --apply_chat_template: the turns of the messages list are rendered with the "
+                    "tokenizer's chat template"
+                )
             self.data.output_key = None
 
 
@@ -313,7 +320,9 @@ class RMConfig:
         if self.loss == "logexp" and self.data.margin_key:
             raise UserError("--margin_key works with --loss sigmoid only (logexp has no margin term)")
         if self.data.packing_samples:
-            raise UserError("--packing_samples is not supported by rlhf.rm: the score is read at each sequence's last token of a padded batch")
+            raise UserError(
+                "--packing_samples is not supported by rlhf.rm: the score is read at each sequence's last token of a padded batch"
+            )
 
 
 def loads_reference(cfg: Any) -> bool:
@@ -325,7 +334,10 @@ def loads_reference(cfg: Any) -> bool:
 
 def check_ref_offload(cfg: Any) -> None:
     if cfg.ref_offload and not loads_reference(cfg):
-        raise UserError("--ref_offload: with --lora_rank the reference is the trained model with its adapter off, there is no separate copy to offload; drop --ref_offload (or give --ref_pretrain)")
+        raise UserError(
+            "--ref_offload: with --lora_rank the reference is the trained model with its adapter off, there is no separate "
+            "copy to offload; drop --ref_offload (or give --ref_pretrain)"
+        )
 
 
 @dataclass
@@ -370,7 +382,9 @@ class KTOConfig:
     """Kahneman-Tversky optimisation on unpaired, labelled completions."""
 
     model: Annotated[ModelConfig, Flat] = field(default_factory=ModelConfig)
-    data: Annotated[PreferenceDataConfig, Flat] = field(default_factory=lambda: PreferenceDataConfig(dataset="embedded:arith/kto_train.jsonl", input_key="prompt", output_key="completion"))
+    data: Annotated[PreferenceDataConfig, Flat] = field(
+        default_factory=lambda: PreferenceDataConfig(dataset="embedded:arith/kto_train.jsonl", input_key="prompt", output_key="completion")
+    )
     train: Annotated[TrainConfig, Flat] = field(default_factory=TrainConfig)
     ckpt: Annotated[CheckpointConfig, Flat] = field(default_factory=CheckpointConfig)
     log: Annotated[LoggingConfig, Flat] = field(default_factory=LoggingConfig)
@@ -480,7 +494,12 @@ class RolloutConfig:
     """Truncated importance sampling: weight each token's policy loss by min(pi_actor / pi_vllm, C) for this C, correcting for the two engines' numerics."""
 
     def validate(self) -> None:
-        for flag, value in (("--rollout_batch_size", self.rollout_batch_size), ("--n_samples_per_prompt", self.n_samples_per_prompt), ("--micro_rollout_batch_size", self.micro_rollout_batch_size), ("--generate_max_len", self.generate_max_len)):
+        for flag, value in (
+            ("--rollout_batch_size", self.rollout_batch_size),
+            ("--n_samples_per_prompt", self.n_samples_per_prompt),
+            ("--micro_rollout_batch_size", self.micro_rollout_batch_size),
+            ("--generate_max_len", self.generate_max_len),
+        ):
             if value < 1:
                 raise UserError(f"{flag} must be >= 1, got {value}")
         if self.temperature < 0:
@@ -565,7 +584,12 @@ class PPOAlgoConfig:
     """Evaluate the greedy reward on --eval_prompt_data every N steps (and at the start and end)."""
 
     def validate(self) -> None:
-        for flag, value in (("--ppo_epochs", self.ppo_epochs), ("--num_episodes", self.num_episodes), ("--eval_every", self.eval_every), ("--kl_horizon", self.kl_horizon)):
+        for flag, value in (
+            ("--ppo_epochs", self.ppo_epochs),
+            ("--num_episodes", self.num_episodes),
+            ("--eval_every", self.eval_every),
+            ("--kl_horizon", self.kl_horizon),
+        ):
             if value < 1:
                 raise UserError(f"{flag} must be >= 1, got {value}")
         low, high = self.eps_clip_low_high
@@ -576,7 +600,9 @@ class PPOAlgoConfig:
         if self.kl_target is not None and self.kl_target <= 0:
             raise UserError(f"--kl_target must be > 0, got {self.kl_target}")
         if self.remote_rm_retries < 0 or self.remote_rm_timeout <= 0:
-            raise UserError(f"--remote_rm_retries must be >= 0 and --remote_rm_timeout > 0, got {self.remote_rm_retries} and {self.remote_rm_timeout}")
+            raise UserError(
+                f"--remote_rm_retries must be >= 0 and --remote_rm_timeout > 0, got {self.remote_rm_retries} and {self.remote_rm_timeout}"
+            )
         if not 0.0 <= self.ema_beta <= 1.0:
             raise UserError(f"--ema_beta must be in [0, 1], got {self.ema_beta}")
         if self.reward_clip_range[0] >= self.reward_clip_range[1]:
@@ -639,7 +665,11 @@ class PlacementConfig:
 
     def shared_roles(self, roles: Sequence[str]) -> list[tuple[str, ...]]:
         """Groups of roles in use that share ranks (--colocate_actor_ref and friends)."""
-        pairs = [(self.colocate_actor_ref, ("actor", "reference")), (self.colocate_critic_reward, ("critic", "reward")), (self.colocate_ref_reward, ("reward", "reference"))]
+        pairs = [
+            (self.colocate_actor_ref, ("actor", "reference")),
+            (self.colocate_critic_reward, ("critic", "reward")),
+            (self.colocate_ref_reward, ("reward", "reference")),
+        ]
         return [pair for wanted, pair in pairs if wanted and all(r in roles for r in pair)]
 
     def role_sizes(self, roles: Sequence[str]) -> dict[str, int]:
@@ -653,7 +683,10 @@ class PlacementConfig:
             group = next((g for g in self.shared_roles(roles) if role in g), (role,))
             given = [sizes[r] for r in group if r in sizes]
             if not given:
-                raise UserError(f"split placement: this run uses roles {', '.join(roles)}; give --{self.FLAG_PREFIX[role]}_num_gpus_per_node (or --colocate_all_models)")
+                raise UserError(
+                    f"split placement: this run uses roles {', '.join(roles)}; give "
+                    f"--{self.FLAG_PREFIX[role]}_num_gpus_per_node (or --colocate_all_models)"
+                )
             sizes.setdefault(role, given[0])  # a role sharing ranks takes its partner's count
         return sizes
 
@@ -686,7 +719,10 @@ class PPOConfig:
         algo = self.algo
         if self.train.max_epochs != 1:  # OpenRLHF's name for the passes over each rollout batch
             if algo.ppo_epochs not in (1, self.train.max_epochs):
-                raise UserError(f"--max_epochs {self.train.max_epochs} and --ppo_epochs {algo.ppo_epochs} disagree: both count the passes over each rollout batch; give one")
+                raise UserError(
+                    f"--max_epochs {self.train.max_epochs} and --ppo_epochs {algo.ppo_epochs} disagree: both count the passes "
+                    "over each rollout batch; give one"
+                )
             algo.ppo_epochs = self.train.max_epochs
         self.train.max_epochs = algo.ppo_epochs
         if self.train.eval_steps > 0:
@@ -699,28 +735,43 @@ class PPOConfig:
             # A warning, not an error: OpenRLHF's trainer ignores the flag without a reward model
             # too, and its own remote-RM example script passes it (the reward server normalises).
             logging.getLogger("rlhf").warning(
-                "--normalize_reward has no effect without --reward_pretrain: the rewards of --remote_rm_url / --reward_func are used as they come (normalise them at the source)"
+                "--normalize_reward has no effect without --reward_pretrain: the rewards of --remote_rm_url / --reward_func are used as "
+                "they come (normalise them at the source)"
             )
         if self.rollout.vllm_num_engines is not None and self.rollout.rollout_backend != "vllm" and os.environ.get("RANK", "0") == "0":
             # Ported OpenRLHF scripts pass it with per-role GPU counts (Ray's vLLM actors); here vLLM
             # runs inside the colocated ranks, so the flag alone must not switch a split job to it.
             logging.getLogger("rlhf").warning(
-                "--vllm_num_engines without --rollout_backend vllm: rollouts are generated with transformers; add --rollout_backend vllm (colocated placement) to generate with vLLM"
+                "--vllm_num_engines without --rollout_backend vllm: rollouts are generated with transformers; add --rollout_backend vllm "
+                "(colocated placement) to generate with vLLM"
             )
         if algo.remote_rm_url and algo.remote_rm_url.endswith(".py") and not Path(algo.remote_rm_url).expanduser().is_file():
             raise UserError(f"--remote_rm_url {algo.remote_rm_url}: no such reward file")  # before any model is loaded
         traits = estimator_traits(algo.advantage_estimator)  # an unknown name fails here, before any work
         if traits.grouped and self.rollout.n_samples_per_prompt < 2:
-            raise UserError(f"--advantage_estimator {algo.advantage_estimator} compares samples of one prompt: set --n_samples_per_prompt >= 2")
+            raise UserError(
+                f"--advantage_estimator {algo.advantage_estimator} compares samples of one prompt: set --n_samples_per_prompt >= 2"
+            )
         if algo.gamma != 1.0 and not traits.discounted:
-            raise UserError(f"--gamma {algo.gamma}: --advantage_estimator {algo.advantage_estimator} needs gamma 1 (discounting works with {', '.join(discounted_estimators())})")
+            raise UserError(
+                f"--gamma {algo.gamma}: --advantage_estimator {algo.advantage_estimator} needs gamma 1 (discounting works "
+                f"with {', '.join(discounted_estimators())})"
+            )
         per_step = self.rollout.rollout_batch_size * self.rollout.n_samples_per_prompt
         if per_step % self.train.train_batch_size != 0:
-            raise UserError(f"--rollout_batch_size x --n_samples_per_prompt = {per_step} must be a multiple of --train_batch_size {self.train.train_batch_size}")
+            raise UserError(
+                f"--rollout_batch_size x --n_samples_per_prompt = {per_step} must be a multiple of --train_batch_size "
+                f"{self.train.train_batch_size}"
+            )
         if self.placement.separate_rollout and self.model.lora_rank > 0:
-            raise UserError("--rollout_num_gpus_per_node with --lora_rank: rollout ranks of their own need full weights; generate on the actor's ranks (drop --rollout_num_gpus_per_node)")
+            raise UserError(
+                "--rollout_num_gpus_per_node with --lora_rank: rollout ranks of their own need full weights; generate on the "
+                "actor's ranks (drop --rollout_num_gpus_per_node)"
+            )
         if self.rollout.rollout_backend == "vllm" and self.placement.is_split:
-            raise UserError("--rollout_backend vllm runs vLLM inside every rank: use the colocated placement (drop the per-role GPU counts)")
+            raise UserError(
+                "--rollout_backend vllm runs vLLM inside every rank: use the colocated placement (drop the per-role GPU counts)"
+            )
 
     def roles(self) -> tuple[str, ...]:
         """The roles this job places: the actor always; rollout ranks of their own when asked; a
@@ -728,8 +779,11 @@ class PPOConfig:
         LoRA makes the actor's base the reference. The memory planner reads the same set."""
         needs_critic = estimator_traits(self.algo.advantage_estimator).needs_critic
         wanted = {
-            "actor": True, "rollout": self.placement.separate_rollout, "critic": needs_critic,
-            "reward": bool(self.algo.reward_pretrain), "reference": self.model.lora_rank == 0,
+            "actor": True,
+            "rollout": self.placement.separate_rollout,
+            "critic": needs_critic,
+            "reward": bool(self.algo.reward_pretrain),
+            "reference": self.model.lora_rank == 0,
         }
         return tuple(role for role, used in wanted.items() if used)
 
@@ -777,7 +831,9 @@ class InferenceConfig:
     iter: Optional[int] = None
     """Round K of an iterative loop (OpenRLHF's flag): use only rows [K x --rollout_batch_size, (K+1) x --rollout_batch_size) of the dataset."""
     post_processor: Optional[Literal["rs", "csft", "ca", "iter_dpo"]] = None
-    """Rewrite the scored rows before writing (OpenRLHF's processors): rs keeps each prompt's best response {input, output, reward}; csft (ca) writes the score into the prompt '{input} <rm_score>: {reward:.2f} ' (z-scored over the rows with --normalize_reward); iter_dpo writes each prompt's best and worst response as a preference pair {prompt, chosen, rejected, chosen_reward, rejected_reward}."""
+    """Rewrite the scored rows before writing (OpenRLHF's processors): rs keeps each prompt's best response {input, output, reward};
+    csft (ca) writes the score into the prompt '{input} <rm_score>: {reward:.2f} ' (z-scored over the rows with --normalize_reward);
+    iter_dpo writes each prompt's best and worst response as a preference pair {prompt, chosen, rejected, chosen_reward, rejected_reward}."""
 
     def validate(self) -> None:
         if self.best_of_n < 1 or self.micro_batch_size < 1 or self.prompt_max_len < 1:
@@ -790,14 +846,26 @@ class InferenceConfig:
             if not (self.reward_pretrain or self.reward_func):
                 raise UserError("--eval_task rm needs --reward_pretrain MODEL[,MODEL...] and/or --reward_func module:function")
         if self.post_processor and not (self.reward_pretrain or self.reward_func):
-            raise UserError(f"--post_processor {self.post_processor} works on scored rows: give --reward_pretrain MODEL and/or --reward_func module:function (or --eval_task rm --pretrain RM)")
+            raise UserError(
+                f"--post_processor {self.post_processor} works on scored rows: give --reward_pretrain MODEL and/or "
+                "--reward_func module:function (or --eval_task rm --pretrain RM)"
+            )
         if self.normalize_reward and not self.reward_pretrain:
-            raise UserError("--normalize_reward normalises reward-model scores, but no --reward_pretrain is given: drop the flag or add a reward model")
+            raise UserError(
+                "--normalize_reward normalises reward-model scores, but no --reward_pretrain is given: drop the flag or add a reward model"
+            )
 
     def prompt_data(self) -> "PromptDataConfig":
         return PromptDataConfig(
-            prompt_data=self.dataset, prompt_data_probs=self.dataset_probs, input_key=self.input_key, label_key=self.label_key,
-            input_template=self.input_template, apply_chat_template=self.apply_chat_template, tokenizer_chat_template=self.tokenizer_chat_template, prompt_max_len=self.prompt_max_len, max_samples=self.max_samples,
+            prompt_data=self.dataset,
+            prompt_data_probs=self.dataset_probs,
+            input_key=self.input_key,
+            label_key=self.label_key,
+            input_template=self.input_template,
+            apply_chat_template=self.apply_chat_template,
+            tokenizer_chat_template=self.tokenizer_chat_template,
+            prompt_max_len=self.prompt_max_len,
+            max_samples=self.max_samples,
         )
 
 
@@ -817,7 +885,11 @@ class GenerateConfig:
 
     def validate(self) -> None:
         if self.zero_stage != 0:
-            raise UserError(f"--zero_stage {self.zero_stage}: batch inference holds a full copy of each model per rank (ZeRO 0); sharded inference is not supported: use --zero_stage 0 (fit a large model with --bf16 or --eval_task generate_vllm --tp_size N)")
+            raise UserError(
+                f"--zero_stage {self.zero_stage}: batch inference holds a full copy of each model per rank (ZeRO 0); sharded "
+                "inference is not supported: use --zero_stage 0 (fit a large model with --bf16 or --eval_task generate_vllm "
+                "--tp_size N)"
+            )
         if self.max_len is not None and self.max_len < 2:
             raise UserError(f"--max_len must be >= 2, got {self.max_len}")
         if self.task.eval_task == "rm" and not (self.task.reward_pretrain or self.task.reward_func):
@@ -861,7 +933,10 @@ class RejectionSamplingConfig:
         if self.task.eval_task == "rm":
             raise UserError("--eval_task rm: rejection sampling generates; use generate or generate_vllm")
         if self.task.iter is not None or self.task.post_processor:
-            raise UserError("--iter / --post_processor belong to rlhf.generate's loop of separate commands; rlhf.rejection_sampling runs its rounds itself (--iterations) and keeps the best itself (--keep)")
+            raise UserError(
+                "--iter / --post_processor belong to rlhf.generate's loop of separate commands; rlhf.rejection_sampling runs "
+                "its rounds itself (--iterations) and keeps the best itself (--keep)"
+            )
         if not (self.task.reward_pretrain or self.task.reward_func):
             raise UserError("rejection sampling needs a reward: --reward_pretrain MODEL and/or --reward_func module:function")
 
@@ -921,14 +996,21 @@ def load_preset(cls: type[C], path: str) -> C:
 OPENRLHF_ALIASES: dict[str, dict[str, tuple[str, ...]]] = {
     "*": {"--wandb": ("--use_wandb",)},
     "DPOConfig": {"--ipo": ("--loss_type", "ipo")},
-    "GenerateConfig": {"--max_new_tokens": ("--generate_max_len",), "--tp_size": ("--vllm_tensor_parallel_size",), "--greedy_sampling": ("--temperature", "0")},
+    "GenerateConfig": {
+        "--max_new_tokens": ("--generate_max_len",),
+        "--tp_size": ("--vllm_tensor_parallel_size",),
+        "--greedy_sampling": ("--temperature", "0"),
+    },
     "RejectionSamplingConfig": {"--max_new_tokens": ("--generate_max_len",), "--tp_size": ("--vllm_tensor_parallel_size",)},
     "ChatConfig": {"--greedy_sampling": ("--temperature", "0")},
 }
 """OpenRLHF flag -> the tokens it stands for here (the flag's value, if any, follows them)."""
 
 OPENRLHF_ALWAYS_ON: dict[str, dict[str, str]] = {
-    "PPOConfig": {"--actor_init_on_gpu": "models are built on the CPU and moved to their device (ZeRO-3 partitions them as they load); the flag changes nothing"},
+    "PPOConfig": {
+        "--actor_init_on_gpu": "models are built on the CPU and moved to their device (ZeRO-3 partitions them as they load); "
+        "the flag changes nothing"
+    },
     "KTOConfig": {"--unpaired_preference": "rlhf.kto always reads unpaired rows (--input_key, --output_key, --label_key)"},
     "GenerateConfig": {"--enable_prefix_caching": "vLLM engines always run with prefix caching"},
     "RejectionSamplingConfig": {"--enable_prefix_caching": "vLLM engines always run with prefix caching"},
@@ -938,14 +1020,19 @@ OPENRLHF_ALWAYS_ON: dict[str, dict[str, str]] = {
 
 OPENRLHF_REJECTED: dict[str, dict[str, str]] = {
     "DPOConfig": {
-        "--ring_attn_size": "ring attention (sequence parallelism) is not implemented; fit long sequences with --gradient_checkpointing, --micro_train_batch_size 1 and a smaller --max_len",
-        "--ring_head_stride": "ring attention (sequence parallelism) is not implemented; fit long sequences with --gradient_checkpointing, --micro_train_batch_size 1 and a smaller --max_len",
+        "--ring_attn_size": "ring attention (sequence parallelism) is not implemented; fit long sequences with --gradient_checkpointing, "
+        "--micro_train_batch_size 1 and a smaller --max_len",
+        "--ring_head_stride": "ring attention (sequence parallelism) is not implemented; fit long sequences with "
+        "--gradient_checkpointing, --micro_train_batch_size 1 and a smaller --max_len",
     },
     "KTOConfig": {
-        "--vanilla_loss": "OpenRLHF 0.2's KTO variant on paired data (z0 from the batch's own log-ratios) is not implemented; rlhf.kto trains on unpaired rows {prompt, completion, label} with z0 from mismatched pairs (the KTO paper): write each pair as a desirable and an undesirable row and drop --vanilla_loss",
+        "--vanilla_loss": "OpenRLHF 0.2's KTO variant on paired data (z0 from the batch's own log-ratios) is not implemented; rlhf.kto "
+        "trains on unpaired rows {prompt, completion, label} with z0 from mismatched pairs (the KTO paper): write each "
+        "pair as a desirable and an undesirable row and drop --vanilla_loss",
     },
     "PPOConfig": {
-        "--packing_samples": "rlhf.ppo trains on padded micro-batches (packing would only save padding, the updates are the same); drop --packing_samples",
+        "--packing_samples": "rlhf.ppo trains on padded micro-batches (packing would only save padding, the updates are the same); drop "
+        "--packing_samples",
     },
 }
 """OpenRLHF flags we do not support: flag -> what to do instead (the error names the flag)."""

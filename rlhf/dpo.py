@@ -50,6 +50,7 @@ from rlhf.errors import exit_on_user_error, run_program
 from rlhf.models.loading import load_causal_lm, load_tokenizer
 from rlhf.trainer import Loop, finish, plan_total_steps, run
 
+
 @exit_on_user_error
 def main(argv: Optional[Sequence[str]] = None) -> None:
     cfg = parse_config(DPOConfig, argv, prog="python -m rlhf.dpo")
@@ -72,11 +73,19 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     engine = TrainEngine(load_causal_lm(cfg.model), cfg.train, bf16=cfg.model.bf16, total_steps=total_steps, dp_size=dp)
     ref_forward, ref_engine, ref_params = load_reference(cfg, engine, dp)
     if launch.is_rank0:
-        what = "the policy with its LoRA adapter disabled" if ref_engine is None else f"{cfg.ref_pretrain or cfg.model.pretrain} (ZeRO-{ref_engine.ds_config['zero_optimization']['stage']})"
+        what = (
+            "the policy with its LoRA adapter disabled"
+            if ref_engine is None
+            else f"{cfg.ref_pretrain or cfg.model.pretrain} (ZeRO-{ref_engine.ds_config['zero_optimization']['stage']})"
+        )
         print(f"dpo: reference = {what}, mode {cfg.ref_mode}; separate reference parameters: {ref_params}", flush=True)
     if cfg.ref_mode == "precompute":
         micro = cfg.train.micro_eval_batch_size or cfg.train.micro_train_batch_size
-        tables = {split: precompute_reference(ref_forward, pairs, micro, pad_id, packed, rank, dp) for split, pairs in (("train", train_pairs), ("eval", eval_pairs)) if pairs}
+        tables = {
+            split: precompute_reference(ref_forward, pairs, micro, pad_id, packed, rank, dp)
+            for split, pairs in (("train", train_pairs), ("eval", eval_pairs))
+            if pairs
+        }
         if ref_engine is not None:
             ref_engine.release()  # the table is all training needs from the reference
         ref_forward = ref_engine = None
@@ -103,8 +112,15 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
 
     evaluate_now = (lambda: evaluate_dpo_pairs(engine, eval_pairs, reference, cfg, pad_id, rank, dp)) if eval_pairs else None
     loop = Loop(
-        name="dpo", cfg=cfg, launch=launch, dp_size=dp, items=list(range(len(train_pairs))), lengths=lengths,
-        micro_step=micro_step, step_normaliser=len, evaluate=evaluate_now,
+        name="dpo",
+        cfg=cfg,
+        launch=launch,
+        dp_size=dp,
+        items=list(range(len(train_pairs))),
+        lengths=lengths,
+        micro_step=micro_step,
+        step_normaliser=len,
+        evaluate=evaluate_now,
     )
     run(loop, engine, total_steps, per_epoch)
 

@@ -24,7 +24,9 @@ from rlhf.engines.train_engine import TrainEngine
 Reference = Callable[[str, list, list], torch.Tensor]
 
 
-def dpo_objective(cfg: DPOConfig, policy_logp: torch.Tensor, ref_logp: torch.Tensor, pairs: list[PairSample]) -> tuple[torch.Tensor, dict[str, float]]:
+def dpo_objective(
+    cfg: DPOConfig, policy_logp: torch.Tensor, ref_logp: torch.Tensor, pairs: list[PairSample]
+) -> tuple[torch.Tensor, dict[str, float]]:
     """Summed loss over the pairs (normaliser 1) and metric sums; log-probs [2B] as above."""
     n = len(pairs)
     loss_sum, chosen_r, rejected_r = dpo_loss(
@@ -48,7 +50,9 @@ def dpo_objective(cfg: DPOConfig, policy_logp: torch.Tensor, ref_logp: torch.Ten
 
 
 @torch.no_grad()
-def evaluate_dpo_pairs(engine: TrainEngine, pairs: list[PairSample], reference: Reference, cfg: DPOConfig, pad_id: int, rank: int, dp: int) -> dict[str, float]:
+def evaluate_dpo_pairs(
+    engine: TrainEngine, pairs: list[PairSample], reference: Reference, cfg: DPOConfig, pad_id: int, rank: int, dp: int
+) -> dict[str, float]:
     """Held-out DPO loss, implicit-reward accuracy and margin, mean rewards (all ranks take part)."""
     micro = cfg.train.micro_eval_batch_size or cfg.train.micro_train_batch_size
     keys = ("loss", "acc", "margin", "chosen_reward", "rejected_reward")

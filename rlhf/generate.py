@@ -45,7 +45,15 @@ def make_generator(cfg: GenerateConfig, tokenizer, world_size: int, rank: int):
     if cfg.task.eval_task == "generate_vllm":
         tp_group = engine_tp_group(world_size, rank, cfg.rollout.vllm_tensor_parallel_size)
         dtype = torch.bfloat16 if cfg.model.bf16 else torch.float32
-        return VLLMGenerator(resolve_model_path(cfg.model.pretrain), tokenizer, cfg.rollout, max_model_len=cfg.task.prompt_max_len + cfg.rollout.generate_max_len, dtype=dtype, seed=cfg.seed, tp_group=tp_group)
+        return VLLMGenerator(
+            resolve_model_path(cfg.model.pretrain),
+            tokenizer,
+            cfg.rollout,
+            max_model_len=cfg.task.prompt_max_len + cfg.rollout.generate_max_len,
+            dtype=dtype,
+            seed=cfg.seed,
+            tp_group=tp_group,
+        )
     model = load_causal_lm(dataclasses.replace(cfg.model, gradient_checkpointing=False)).to(device()).eval()
     return HFGenerator(model, tokenizer, cfg.rollout)
 
@@ -87,7 +95,17 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     for (i, k), response, done in zip(jobs, responses, finished):
         # `input` is the prompt as the model saw it unless the row has its own (OpenRLHF's layout:
         # the file feeds --eval_task rm and rlhf.sft with their default keys).
-        records.append({"input": prompts[i].text, **prompts[i].row, "prompt": prompts[i].text, "output": tokenizer.decode(response, skip_special_tokens=True), "finished": done, "_row": i, "_sample": k})
+        records.append(
+            {
+                "input": prompts[i].text,
+                **prompts[i].row,
+                "prompt": prompts[i].text,
+                "output": tokenizer.decode(response, skip_special_tokens=True),
+                "finished": done,
+                "_row": i,
+                "_sample": k,
+            }
+        )
     if sources.active and jobs:
         reward, per_source = sources.score([prompts[i] for i, _ in jobs], responses, tokenizer, task.micro_batch_size)
         for record, r, *each in zip(records, reward.tolist(), *(v.tolist() for v in per_source.values())):
@@ -138,7 +156,10 @@ def score_in_prompt(rows: list[dict], task) -> list[dict]:
     rewards = torch.tensor([float(r["reward"]) for r in rows], dtype=torch.float64)
     if task.normalize_reward and len(rows) > 1:
         rewards = (rewards - rewards.mean()) / rewards.std().clamp(min=1e-12)
-    return [{"input": f"{r['prompt']} <rm_score>: {reward:.2f} ", "output": r["output"], "reward": reward} for r, reward in zip(rows, rewards.tolist())]
+    return [
+        {"input": f"{r['prompt']} <rm_score>: {reward:.2f} ", "output": r["output"], "reward": reward}
+        for r, reward in zip(rows, rewards.tolist())
+    ]
 
 
 def best_and_worst_pair(rows: list[dict], task) -> list[dict]:
@@ -150,7 +171,15 @@ def best_and_worst_pair(rows: list[dict], task) -> list[dict]:
     for prompt, group in groups.items():
         chosen = max(group, key=lambda r: r["reward"])  # max/min keep the first of equal rewards
         rejected = min(group, key=lambda r: r["reward"])
-        pairs.append({"prompt": prompt, "chosen": chosen["output"], "chosen_reward": chosen["reward"], "rejected": rejected["output"], "rejected_reward": rejected["reward"]})
+        pairs.append(
+            {
+                "prompt": prompt,
+                "chosen": chosen["output"],
+                "chosen_reward": chosen["reward"],
+                "rejected": rejected["output"],
+                "rejected_reward": rejected["reward"],
+            }
+        )
     return pairs
 
 

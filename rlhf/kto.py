@@ -48,8 +48,16 @@ import torch.distributed as dist
 
 from rlhf.algos.preference import kto_kl_estimate, kto_loss
 from rlhf.data.batching import shard_for_eval
-from rlhf.data.preference import PairSample, UnpairedSample, kto_mismatched_pairs, tokenize_pairs, tokenize_unpaired, warn_if_one_label_class
+from rlhf.data.preference import (
+    PairSample,
+    UnpairedSample,
+    kto_mismatched_pairs,
+    tokenize_pairs,
+    tokenize_unpaired,
+    warn_if_one_label_class,
+)
 from rlhf.data.sources import load_mixture, load_train_eval
+from rlhf.distributed.collectives import all_reduce_sums
 from rlhf.distributed.env import init_distributed
 from rlhf.distributed.topology import Topology
 from rlhf.dpo_objective import evaluate_dpo_pairs
@@ -57,7 +65,6 @@ from rlhf.engines.reference import Forward, load_reference, pair_logprobs, sampl
 from rlhf.engines.train_engine import TrainEngine
 from rlhf.errors import exit_on_user_error, run_program
 from rlhf.models.loading import load_causal_lm, load_tokenizer
-from rlhf.distributed.collectives import all_reduce_sums
 from rlhf.trainer import Loop, finish, plan_total_steps, run
 
 
@@ -86,7 +93,9 @@ def label_metrics(rewards: torch.Tensor, labels: torch.Tensor) -> dict[str, floa
 
 
 @torch.no_grad()
-def evaluate(engine: TrainEngine, examples: list[UnpairedSample], ref_forward: Forward, cfg: KTOConfig, pad_id: int, rank: int, dp: int) -> dict[str, float]:
+def evaluate(
+    engine: TrainEngine, examples: list[UnpairedSample], ref_forward: Forward, cfg: KTOConfig, pad_id: int, rank: int, dp: int
+) -> dict[str, float]:
     """Mean implicit reward of desirable and of undesirable held-out completions, and the gap."""
     micro = cfg.train.micro_eval_batch_size or cfg.train.micro_train_batch_size
     sums = {"r_des": 0.0, "n_des": 0.0, "r_und": 0.0, "n_und": 0.0}
@@ -94,7 +103,9 @@ def evaluate(engine: TrainEngine, examples: list[UnpairedSample], ref_forward: F
     for indices in shard_for_eval(len(examples), micro, dp)[rank]:
         batch = [examples[i] for i in indices or [0]]  # empty: keep ZeRO-3 collectives in step
         samples = [e.sample for e in batch]
-        rewards = cfg.beta * (sample_logprobs(engine, samples, pad_id, packed) - sample_logprobs(ref_forward, samples, pad_id, packed))  # [B]
+        rewards = cfg.beta * (
+            sample_logprobs(engine, samples, pad_id, packed) - sample_logprobs(ref_forward, samples, pad_id, packed)
+        )  # [B]
         if not indices:
             continue
         labels = torch.tensor([e.desirable for e in batch], device=rewards.device)
@@ -109,7 +120,9 @@ def evaluate(engine: TrainEngine, examples: list[UnpairedSample], ref_forward: F
 
 
 @torch.no_grad()
-def evaluate_pairs(engine: TrainEngine, pairs: list[PairSample], ref_forward: Forward, cfg: KTOConfig, pad_id: int, rank: int, dp: int) -> dict[str, float]:
+def evaluate_pairs(
+    engine: TrainEngine, pairs: list[PairSample], ref_forward: Forward, cfg: KTOConfig, pad_id: int, rank: int, dp: int
+) -> dict[str, float]:
     """Pair accuracy and mean margin of the implicit reward on preference pairs (rlhf.dpo's eval).
 
     DPO's implicit reward is KTO's, beta * (log pi - log ref) summed over response tokens; its
@@ -179,8 +192,15 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         return metrics
 
     loop = Loop(
-        name="kto", cfg=cfg, launch=launch, dp_size=dp, items=list(range(len(train_examples))), lengths=lengths,
-        micro_step=micro_step, step_normaliser=len, evaluate=evaluate_now if eval_examples or eval_pairs else None,
+        name="kto",
+        cfg=cfg,
+        launch=launch,
+        dp_size=dp,
+        items=list(range(len(train_examples))),
+        lengths=lengths,
+        micro_step=micro_step,
+        step_normaliser=len,
+        evaluate=evaluate_now if eval_examples or eval_pairs else None,
     )
     run(loop, engine, total_steps, per_epoch)
 

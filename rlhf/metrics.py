@@ -184,9 +184,7 @@ def _start_wandb(cfg: LoggingConfig, run_config: dict, trainer: str, folder: str
         )
     except Exception as err:  # no API key, unreachable server, bad entity ...
         message = " ".join(str(err).split()) or type(err).__name__
-        raise UserError(
-            f"--use_wandb: wandb.init failed: {message} (run `wandb login`, or set WANDB_MODE=offline)"
-        ) from None
+        raise UserError(f"--use_wandb: wandb.init failed: {message} (run `wandb login`, or set WANDB_MODE=offline)") from None
 
 
 # ----------------------------------------------------------------------------------------------

@@ -123,8 +123,19 @@ MODELS: dict[str, ModelShape] = {
 # Accelerator memory in GiB as the driver reports it to PyTorch (a card sold as "80 GB" shows
 # about 79.3 GiB; we keep the round figure and leave the slack to RUNTIME_OVERHEAD_GPU).
 GPUS: dict[str, float] = {
-    "A100-40G": 40, "A100-80G": 80, "H100-80G": 80, "H100-94G": 94, "H200": 141, "B200": 180,
-    "L40S": 48, "L4": 24, "A10G": 24, "A6000": 48, "RTX4090": 24, "RTX3090": 24, "V100-32G": 32,
+    "A100-40G": 40,
+    "A100-80G": 80,
+    "H100-80G": 80,
+    "H100-94G": 94,
+    "H200": 141,
+    "B200": 180,
+    "L40S": 48,
+    "L4": 24,
+    "A10G": 24,
+    "A6000": 48,
+    "RTX4090": 24,
+    "RTX3090": 24,
+    "V100-32G": 32,
 }
 
 # Memory a process holds whatever the model: on a GPU the CUDA context, NCCL buffers and the
@@ -157,11 +168,16 @@ def find_shape(model: str, flag: str = "--model") -> Optional[ModelShape]:
         cfg = cfg.get("text_config", cfg)  # multimodal wrappers keep the LM's shape here
         heads = int(cfg["num_attention_heads"])
         return ModelShape(
-            hidden=int(cfg["hidden_size"]), layers=int(cfg["num_hidden_layers"]), heads=heads,
-            kv_heads=int(cfg.get("num_key_value_heads") or heads), intermediate=int(cfg["intermediate_size"]),
-            vocab=int(cfg["vocab_size"]), tied_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            hidden=int(cfg["hidden_size"]),
+            layers=int(cfg["num_hidden_layers"]),
+            heads=heads,
+            kv_heads=int(cfg.get("num_key_value_heads") or heads),
+            intermediate=int(cfg["intermediate_size"]),
+            vocab=int(cfg["vocab_size"]),
+            tied_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             qkv_bias=bool(cfg.get("attention_bias", cfg.get("model_type") == "qwen2")),
-            head_dim=cfg.get("head_dim"), mirrors=str(path),
+            head_dim=cfg.get("head_dim"),
+            mirrors=str(path),
         )
     except (ValueError, KeyError, TypeError) as err:
         raise UserError(f"{flag} {model}: {path} is not a decoder config this planner reads ({type(err).__name__}: {err})") from None
@@ -365,7 +381,9 @@ class PlanOptions:
     trainer: Literal["sft", "rm", "dpo", "kto", "ppo", "grpo"] = "sft"
     """The job: python -m rlhf.sft, rlhf.rm, rlhf.dpo, rlhf.kto or rlhf.ppo, whose flags the others are; grpo: rlhf.ppo with --advantage_estimator group_norm --n_samples_per_prompt 8 unless given."""
     model: Optional[str] = None
-    """The policy's shape: a named size (0.5B 1.5B 7B 8B 13B 34B 70B; mirrors Qwen2.5 / Llama-2 / Llama-3 / CodeLlama), an HF config.json or model folder, or embedded:NAME (default: --pretrain, when it is one of these). --reward_pretrain, --critic_pretrain and --ref_pretrain take these forms too; a model not found here (a hub id) is planned with the policy's shape."""
+    """The policy's shape: a named size (0.5B 1.5B 7B 8B 13B 34B 70B; mirrors Qwen2.5 / Llama-2 / Llama-3 / CodeLlama),
+    an HF config.json or model folder, or embedded:NAME (default: --pretrain, when it is one of these). --reward_pretrain,
+    --critic_pretrain and --ref_pretrain take these forms too; a model not found here (a hub id) is planned with the policy's shape."""
     gpu: str = "A100-80G"
     """GPU type: A100-40G A100-80G H100-80G H100-94G H200 B200 L40S L4 A10G A6000 RTX4090 RTX3090 V100-32G."""
     gpu_memory_gb: Optional[float] = None
@@ -429,7 +447,9 @@ def set_flags(job: Any, flags: dict[str, Any], trainer: str) -> None:
     for name, value in flags.items():
         owner = _owner(job, name)
         if owner is None:
-            raise UserError(f"--{name} is not a flag of python -m {entry_point(trainer)} (see python -m rlhf.plan --trainer {trainer} --help)")
+            raise UserError(
+                f"--{name} is not a flag of python -m {entry_point(trainer)} (see python -m rlhf.plan --trainer {trainer} --help)"
+            )
         setattr(owner, name, value)
 
 
@@ -519,7 +539,10 @@ class PlanConfig(PlanOptions):
         pretrain = self.job.model.pretrain
         shape = find_shape(pretrain, "--pretrain")
         if shape is None:
-            raise UserError(f"--pretrain {pretrain}: not a model folder, config.json or embedded:NAME here, so the planner cannot read its shape; give --model (a named size: {', '.join(MODELS)}; or a config.json)")
+            raise UserError(
+                f"--pretrain {pretrain}: not a model folder, config.json or embedded:NAME here, so the planner cannot read "
+                f"its shape; give --model (a named size: {', '.join(MODELS)}; or a config.json)"
+            )
         return shape
 
     def role_shapes(self) -> tuple[dict[str, list[ModelShape]], list[str]]:
@@ -543,7 +566,9 @@ class PlanConfig(PlanOptions):
         if self.rl:
             rewards = [other(p, "--reward_pretrain") for p in job.algo.reward_pretrain.split(",")] if job.algo.reward_pretrain else []
             shapes["reward"] = rewards
-            shapes["critic"] = [other(job.algo.critic_pretrain, "--critic_pretrain") if job.algo.critic_pretrain else rewards[0] if rewards else policy]
+            shapes["critic"] = [
+                other(job.algo.critic_pretrain, "--critic_pretrain") if job.algo.critic_pretrain else rewards[0] if rewards else policy
+            ]
         elif getattr(job, "ref_pretrain", None):
             shapes["reference"] = [other(job.ref_pretrain, "--ref_pretrain")]
         return shapes, notes
@@ -554,7 +579,10 @@ class PlanConfig(PlanOptions):
         if self.device == "gpu" and not self.job.model.bf16:
             notes.append(f"no --bf16: planned in fp32, as python -m {entry_point(self.trainer)} trains without it")
         if self.rl and self.job.rollout.vllm_num_engines is not None and not self.uses_vllm:
-            notes.append("--vllm_num_engines without --rollout_backend vllm: rlhf.ppo generates with transformers (hf); add --rollout_backend vllm to plan vLLM")
+            notes.append(
+                "--vllm_num_engines without --rollout_backend vllm: rlhf.ppo generates with transformers (hf); add "
+                "--rollout_backend vllm to plan vLLM"
+            )
         return notes
 
     def validate(self) -> None:
@@ -563,20 +591,32 @@ class PlanConfig(PlanOptions):
         PlanOptions.validate(self)
         self.job.validate()
         if self.rl and any(p.strip().lower() == "none" for p in (self.job.algo.reward_pretrain or "").split(",")):
-            raise UserError("--reward_pretrain none: rlhf.ppo loads every --reward_pretrain as a reward model; for a job without one leave the flag out (rewards from --reward_func or --remote_rm_url)")
+            raise UserError(
+                "--reward_pretrain none: rlhf.ppo loads every --reward_pretrain as a reward model; for a job without one "
+                "leave the flag out (rewards from --reward_func or --remote_rm_url)"
+            )
         self.role_shapes()
         if self.is_split:
             sizes = split_sizes(self)
             used = sum(sizes[group[0]] for group in gpu_groups(self))
             if used > self.world:
-                raise UserError(f"split placement: the roles take {used} GPUs ({', '.join(f'{r} {n}' for r, n in sizes.items())}) but there are {self.world}")
+                raise UserError(
+                    f"split placement: the roles take {used} GPUs ({', '.join(f'{r} {n}' for r, n in sizes.items())}) but "
+                    f"there are {self.world}"
+                )
         if self.uses_vllm:
             tp = self.vllm_tensor_parallel_size
             engines = self.actor_gpus // tp
             if self.actor_gpus % tp or tp > self.num_gpus_per_node:
-                raise UserError(f"--vllm_tensor_parallel_size {tp} must divide the actor's {self.actor_gpus} GPUs and fit in a node of {self.num_gpus_per_node}")
+                raise UserError(
+                    f"--vllm_tensor_parallel_size {tp} must divide the actor's {self.actor_gpus} GPUs and fit in a node of "
+                    f"{self.num_gpus_per_node}"
+                )
             if self.vllm_num_engines is not None and self.vllm_num_engines != engines:
-                raise UserError(f"--vllm_num_engines {self.vllm_num_engines}: the engines sit on the actor's GPUs, so it must be {self.actor_gpus} / --vllm_tensor_parallel_size {tp} = {engines}")
+                raise UserError(
+                    f"--vllm_num_engines {self.vllm_num_engines}: the engines sit on the actor's GPUs, so it must be "
+                    f"{self.actor_gpus} / --vllm_tensor_parallel_size {tp} = {engines}"
+                )
 
 
 def split_sizes(cfg: PlanConfig) -> dict[str, int]:
@@ -661,13 +701,25 @@ def _trainable(cfg: PlanConfig, shape: ModelShape, dp: int, nodes: int) -> State
     """States of a trainable role: all weights, or a frozen (maybe 4-bit) base + LoRA adapters."""
     w = cfg.dtype_bytes
     if not cfg.lora_rank:
-        return model_states_bytes(shape.params, shape.largest_layer_params, zero_stage=cfg.zero_stage, dp=dp, num_nodes=nodes, offload_optimizer=cfg.adam_offload, dtype_bytes=w)
+        return model_states_bytes(
+            shape.params,
+            shape.largest_layer_params,
+            zero_stage=cfg.zero_stage,
+            dp=dp,
+            num_nodes=nodes,
+            offload_optimizer=cfg.adam_offload,
+            dtype_bytes=w,
+        )
     lora = shape.lora_params(cfg.lora_rank)
-    adapters = model_states_bytes(lora, 0, zero_stage=cfg.zero_stage, dp=dp, num_nodes=nodes, offload_optimizer=cfg.adam_offload, dtype_bytes=w)
+    adapters = model_states_bytes(
+        lora, 0, zero_stage=cfg.zero_stage, dp=dp, num_nodes=nodes, offload_optimizer=cfg.adam_offload, dtype_bytes=w
+    )
     if cfg.load_in_4bit:  # the linear layers in NF4, the rest (embeddings, norms) in the model dtype
         base = States(weights=shape.linear_params * NF4_BYTES_PER_PARAM + (shape.params - shape.linear_params) * w)
     else:
-        base = frozen_states_bytes(shape.params, shape.largest_layer_params, zero3=cfg.zero_stage == 3, dp=dp, num_nodes=nodes, dtype_bytes=w)
+        base = frozen_states_bytes(
+            shape.params, shape.largest_layer_params, zero3=cfg.zero_stage == 3, dp=dp, num_nodes=nodes, dtype_bytes=w
+        )
     return base + adapters
 
 
@@ -697,7 +749,15 @@ def plan(cfg: PlanConfig) -> Plan:
             out.append(RoleMemory("policy" if cfg.trainer in ("dpo", "kto") else role, n, states, act))
         elif role == "critic":
             critic_shape = shapes["critic"][0]
-            states = model_states_bytes(critic_shape.scorer_params, critic_shape.largest_layer_params, zero_stage=cfg.zero_stage, dp=n, num_nodes=nn, offload_optimizer=cfg.adam_offload, dtype_bytes=w)
+            states = model_states_bytes(
+                critic_shape.scorer_params,
+                critic_shape.largest_layer_params,
+                zero_stage=cfg.zero_stage,
+                dp=n,
+                num_nodes=nn,
+                offload_optimizer=cfg.adam_offload,
+                dtype_bytes=w,
+            )
             train = activation_bytes(critic_shape, cfg.micro_train_batch_size, seq, checkpointing=ckpt, dtype_bytes=w, lm_head=False)
             out.append(RoleMemory(role, n, states, train))
         elif role in ("reward", "reference"):
@@ -706,8 +766,13 @@ def plan(cfg: PlanConfig) -> Plan:
             states, act = States(), 0.0
             for s in shapes[role]:
                 params = s.params if role == "reference" else s.scorer_params
-                states = states + frozen_states_bytes(params, s.largest_layer_params, zero3=cfg.zero_stage == 3, dp=n, num_nodes=nn, offload=frozen_offload, dtype_bytes=w)
-                act = max(act, activation_bytes(s, score_batch, seq, checkpointing=False, dtype_bytes=w, lm_head=role == "reference", training=False))
+                states = states + frozen_states_bytes(
+                    params, s.largest_layer_params, zero3=cfg.zero_stage == 3, dp=n, num_nodes=nn, offload=frozen_offload, dtype_bytes=w
+                )
+                act = max(
+                    act,
+                    activation_bytes(s, score_batch, seq, checkpointing=False, dtype_bytes=w, lm_head=role == "reference", training=False),
+                )
             note = f"{len(shapes[role])} reward models" if len(shapes[role]) > 1 else ""
             out.append(RoleMemory(role, n, states, act, note=note))
         elif role == "rollout":
@@ -720,14 +785,24 @@ def plan(cfg: PlanConfig) -> Plan:
                 need = weights + kv + VLLM_RUNTIME_OVERHEAD
                 note = f"vLLM TP{tp}, takes {cfg.vllm_gpu_memory_utilization:g} of the GPU"
                 if need > reserved:
-                    problems.append(f"vLLM needs {need / GiB:.1f} GiB per GPU (weights {weights / GiB:.1f} + KV {kv / GiB:.1f} + runtime {VLLM_RUNTIME_OVERHEAD / GiB:.0f}) but --vllm_gpu_memory_utilization {cfg.vllm_gpu_memory_utilization:g} gives it {reserved / GiB:.1f}")
-                out.append(RoleMemory("rollout", n, States(weights=weights), 0.0, kv, reserved=reserved, resident=not cfg.vllm_enable_sleep, note=note))
+                    problems.append(
+                        f"vLLM needs {need / GiB:.1f} GiB per GPU (weights {weights / GiB:.1f} + KV {kv / GiB:.1f} + runtime "
+                        f"{VLLM_RUNTIME_OVERHEAD / GiB:.0f}) but --vllm_gpu_memory_utilization "
+                        f"{cfg.vllm_gpu_memory_utilization:g} gives it {reserved / GiB:.1f}"
+                    )
+                out.append(
+                    RoleMemory(
+                        "rollout", n, States(weights=weights), 0.0, kv, reserved=reserved, resident=not cfg.vllm_enable_sleep, note=note
+                    )
+                )
             else:
                 kv = kv_cache_bytes(shape, cfg.micro_rollout_batch_size * seq, w)
                 logits = cfg.micro_rollout_batch_size * shape.vocab * 4 * 2  # one step's logits and probabilities
                 if cfg.placement.separate_rollout:
                     # Rollout ranks of their own hold a plain copy of the policy, refreshed by broadcast.
-                    out.append(RoleMemory("rollout", n, States(weights=shape.params * w), logits, kv, note="HF generate, a policy copy of its own"))
+                    out.append(
+                        RoleMemory("rollout", n, States(weights=shape.params * w), logits, kv, note="HF generate, a policy copy of its own")
+                    )
                 else:
                     # HF generate on the actor's weights, gathered whole when ZeRO-3 partitions them.
                     gathered = shape.params * w if cfg.zero_stage == 3 and not cfg.lora_rank else 0.0
@@ -783,17 +858,25 @@ def candidates(cfg: PlanConfig) -> list[tuple[PlanConfig, list[str]]]:
     sleeps: list[Optional[bool]] = [None]
     offloads: list[Optional[bool]] = [None]
     if rl:
-        tps = [t for t in (1, 2, 4, 8) if t >= cfg.vllm_tensor_parallel_size and t <= cfg.num_gpus_per_node] if cfg.uses_vllm else [cfg.vllm_tensor_parallel_size]
+        tps = (
+            [t for t in (1, 2, 4, 8) if t >= cfg.vllm_tensor_parallel_size and t <= cfg.num_gpus_per_node]
+            if cfg.uses_vllm
+            else [cfg.vllm_tensor_parallel_size]
+        )
         sleeps = sorted({cfg.vllm_enable_sleep, True}) if cfg.uses_vllm and cfg.device == "gpu" else [cfg.vllm_enable_sleep]
         offloads = sorted({cfg.ref_reward_offload, True})
     out = []
     with _quiet_trainer_warnings():
-        for stage, ckpt, tp, sleep, adam, rro in itertools.product(stages, sorted({cfg.gradient_checkpointing, True}), tps, sleeps, sorted({cfg.adam_offload, True}), offloads):
+        for stage, ckpt, tp, sleep, adam, rro in itertools.product(
+            stages, sorted({cfg.gradient_checkpointing, True}), tps, sleeps, sorted({cfg.adam_offload, True}), offloads
+        ):
             for placement in _placements(cfg) if not cfg.is_split else [{}]:
                 changes: dict[str, Any] = dict(zero_stage=stage, gradient_checkpointing=ckpt, adam_offload=adam)
                 if rl:
                     changes.update(vllm_tensor_parallel_size=tp, vllm_enable_sleep=sleep)
-                    changes["placement"] = replace(cfg.placement, ref_reward_offload=rro, **(dict(placement, colocate_all_models=False) if placement else {}))
+                    changes["placement"] = replace(
+                        cfg.placement, ref_reward_offload=rro, **(dict(placement, colocate_all_models=False) if placement else {})
+                    )
                     if cfg.uses_vllm:
                         changes["vllm_num_engines"] = None  # engines = actor GPUs / TP
                 new = replace(cfg, **changes)
@@ -820,7 +903,15 @@ def _quiet_trainer_warnings() -> Iterator[None]:
 
 
 # What a change costs in speed, roughly: the search prefers the cheapest set of changes.
-SEARCH_COST = {"zero_stage": 1, "gradient_checkpointing": 1, "vllm_tensor_parallel_size": 1, "vllm_num_engines": 0, "vllm_enable_sleep": 1, "ref_reward_offload": 2, "adam_offload": 3}
+SEARCH_COST = {
+    "zero_stage": 1,
+    "gradient_checkpointing": 1,
+    "vllm_tensor_parallel_size": 1,
+    "vllm_num_engines": 0,
+    "vllm_enable_sleep": 1,
+    "ref_reward_offload": 2,
+    "adam_offload": 3,
+}
 
 
 def smaller_batches(cfg: PlanConfig) -> list[PlanConfig]:
@@ -836,7 +927,16 @@ def smaller_batches(cfg: PlanConfig) -> list[PlanConfig]:
 def _flag_diff(old: PlanConfig, new: PlanConfig) -> list[str]:
     """The flags that turn ``old`` into ``new``, as a user adds them to the command line."""
     flags = []
-    names = ["zero_stage", "gradient_checkpointing", "adam_offload", "ref_reward_offload", "vllm_tensor_parallel_size", "vllm_enable_sleep", "micro_train_batch_size", "micro_rollout_batch_size"]
+    names = [
+        "zero_stage",
+        "gradient_checkpointing",
+        "adam_offload",
+        "ref_reward_offload",
+        "vllm_tensor_parallel_size",
+        "vllm_enable_sleep",
+        "micro_train_batch_size",
+        "micro_rollout_batch_size",
+    ]
     names += [f"{p}_num_{what}" for p in PlacementConfig.FLAG_PREFIX.values() for what in ("nodes", "gpus_per_node")]
     for name in names:
         a, b = getattr(old, name, None), getattr(new, name, None)  # None: not a flag of this trainer
@@ -876,18 +976,42 @@ def _gib(x: float) -> str:
 def describe(cfg: PlanConfig) -> str:
     shape = cfg.policy_shape()
     name = f"{cfg.model_name} ({shape.mirrors}, {shape.params / 1e9:.2f}B params)" if shape.mirrors else cfg.model_name
-    where = f"{cfg.num_nodes} x {cfg.num_gpus_per_node} {cfg.gpu_key()}" if cfg.device == "gpu" else f"{cfg.num_nodes} x {cfg.num_gpus_per_node} CPU ranks"
+    where = (
+        f"{cfg.num_nodes} x {cfg.num_gpus_per_node} {cfg.gpu_key()}"
+        if cfg.device == "gpu"
+        else f"{cfg.num_nodes} x {cfg.num_gpus_per_node} CPU ranks"
+    )
     precision = "bf16" if cfg.dtype_bytes == 2 else "fp32"
-    opts = [f"ZeRO-{cfg.zero_stage}"] + [o for o, on in (("adam offload", cfg.adam_offload), ("ref/reward offload", getattr(cfg, "ref_reward_offload", False)), ("ref offload", getattr(cfg, "ref_offload", False)), ("grad ckpt", cfg.gradient_checkpointing), (f"LoRA r{cfg.lora_rank}", cfg.lora_rank), ("4-bit", cfg.load_in_4bit)) if on]
+    opts = [f"ZeRO-{cfg.zero_stage}"] + [
+        o
+        for o, on in (
+            ("adam offload", cfg.adam_offload),
+            ("ref/reward offload", getattr(cfg, "ref_reward_offload", False)),
+            ("ref offload", getattr(cfg, "ref_offload", False)),
+            ("grad ckpt", cfg.gradient_checkpointing),
+            (f"LoRA r{cfg.lora_rank}", cfg.lora_rank),
+            ("4-bit", cfg.load_in_4bit),
+        )
+        if on
+    ]
     if cfg.uses_vllm:
-        opts.append(f"vLLM TP{cfg.vllm_tensor_parallel_size} x{cfg.vllm_gpu_memory_utilization:g}" + (" sleep" if cfg.vllm_enable_sleep else ""))
+        opts.append(
+            f"vLLM TP{cfg.vllm_tensor_parallel_size} x{cfg.vllm_gpu_memory_utilization:g}" + (" sleep" if cfg.vllm_enable_sleep else "")
+        )
     return f"{cfg.trainer}: {name} on {where} ({cfg.gpu_bytes() / GiB:.0f} GiB each), {precision}, {', '.join(opts)}, {'split' if cfg.is_split else 'colocated'}"
 
 
 def render(p: Plan) -> str:
-    lines = [describe(p.cfg), "", f"{'role':<10} {'GPUs':>4} {'weights':>7} {'grads':>7} {'optim':>7} {'activ':>7} {'KV':>7} {'total':>7}  GiB per GPU"]
+    lines = [
+        describe(p.cfg),
+        "",
+        f"{'role':<10} {'GPUs':>4} {'weights':>7} {'grads':>7} {'optim':>7} {'activ':>7} {'KV':>7} {'total':>7}  GiB per GPU",
+    ]
     for m in p.roles:
-        lines.append(f"{m.role:<10} {m.gpus:>4} {_gib(m.states.weights)} {_gib(m.states.grads)} {_gib(m.states.optimizer)} {_gib(m.activations)} {_gib(m.kv_cache)} {_gib(m.total)}  {m.note}".rstrip())
+        lines.append(
+            f"{m.role:<10} {m.gpus:>4} {_gib(m.states.weights)} {_gib(m.states.grads)} {_gib(m.states.optimizer)} "
+            f"{_gib(m.activations)} {_gib(m.kv_cache)} {_gib(m.total)}  {m.note}".rstrip()
+        )
     lines.append("")
     for g in p.groups:
         verdict = "fits" if g.fits else "DOES NOT FIT"
@@ -956,7 +1080,10 @@ def _parse_job(trainer: str, args: list[str]) -> Any:
             head = str(err).split(";")[0].replace(" (see --help for the options)", "")
             raise UserError(f"{head}; {'; '.join(hints)} (see --help for the options)") from None
         if cls is PPOConfig and str(err).startswith("PPO needs a reward"):
-            raise UserError(f"{err} (to plan a reward model give its size or config, e.g. --reward_pretrain 70B; a --reward_func or --remote_rm_url takes no GPU memory)") from None
+            raise UserError(
+                f"{err} (to plan a reward model give its size or config, e.g. --reward_pretrain 70B; a --reward_func or "
+                "--remote_rm_url takes no GPU memory)"
+            ) from None
         raise
 
 
@@ -1003,7 +1130,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         return
     found = suggest(cfg)
     if found is None:
-        print("\nno configuration in the search space fits (ZeRO-3, checkpointing, offloads, placements, vLLM TP and sleep, micro-batches down to 1): more or larger GPUs, LoRA, or shorter sequences")
+        print(
+            "\nno configuration in the search space fits (ZeRO-3, checkpointing, offloads, placements, vLLM TP and sleep, micro-batches "
+            "down to 1): more or larger GPUs, LoRA, or shorter sequences"
+        )
         return
     better, flags = found
     print(f"\nsuggested: add {' '.join(flags)}\n")

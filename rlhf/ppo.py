@@ -75,11 +75,19 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     # 3. Engines, only for this rank's roles: actor (+ critic) train; reference and reward models are frozen.
     roles = build_engines(cfg, place, tokenizer, updates)
     actor, critic = roles.actor, roles.critic
-    kl_ctl = ppo_math.AdaptiveKLController(algo.init_kl_coef, algo.kl_target, algo.kl_horizon) if algo.kl_target else ppo_math.FixedKLController(algo.init_kl_coef)
+    kl_ctl = (
+        ppo_math.AdaptiveKLController(algo.init_kl_coef, algo.kl_target, algo.kl_horizon)
+        if algo.kl_target
+        else ppo_math.FixedKLController(algo.init_kl_coef)
+    )
     scorer = Scorer(cfg, tokenizer, roles, kl_ctl)
     ema = WeightEMA(actor, algo.ema_beta) if algo.enable_ema and actor is not None else None
     engines = {name: e for name, e in (("actor", actor), ("actor_ema", ema), ("critic", critic)) if e is not None}
-    ptx = PretrainMix.from_config(cfg, tokenizer, *topology.slot_index("actor", rank)) if cfg.data.pretrain_data and actor is not None else None
+    ptx = (
+        PretrainMix.from_config(cfg, tokenizer, *topology.slot_index("actor", rank))
+        if cfg.data.pretrain_data and actor is not None
+        else None
+    )
 
     # 4. Resume: engines, RNG, KL controller, step. (Seeded again here: building engines draws
     # random numbers, and a rank builds only its roles', so sampling would depend on the placement.)
@@ -93,7 +101,16 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     # 5. Loop: experience -> train -> log (+ eval, checkpoint, SLURM preemption).
     total_steps = schedule.total_steps
     metrics_path = cfg.log.metrics_path or os.path.join(cfg.ckpt.save_path, "metrics.jsonl")
-    logger = MetricsLogger(metrics_path, cfg.log, dataclasses.asdict(cfg), "ppo", total_steps, enabled=launch.is_rank0, resumed=start_step > 0, bar_keys=progress_keys(cfg))
+    logger = MetricsLogger(
+        metrics_path,
+        cfg.log,
+        dataclasses.asdict(cfg),
+        "ppo",
+        total_steps,
+        enabled=launch.is_rank0,
+        resumed=start_step > 0,
+        bar_keys=progress_keys(cfg),
+    )
     if start_step:
         logger.log(start_step, {"resumed_from_step": start_step})
     elif eval_prompts:

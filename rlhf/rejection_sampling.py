@@ -35,6 +35,7 @@ import torch
 from rlhf.data.batching import plan_epoch, step_micro_batches, steps_in_epoch
 from rlhf.data.prompts import Prompt, load_prompts
 from rlhf.data.sft import Sample
+from rlhf.distributed.collectives import all_reduce_sums, gather_in_order
 from rlhf.distributed.env import init_distributed
 from rlhf.engines.sft_forward import batch_tensors, forward_nll, target_tokens
 from rlhf.engines.train_engine import TrainEngine
@@ -46,7 +47,6 @@ from rlhf.models.loading import load_causal_lm, load_tokenizer, resolve_model_pa
 from rlhf.rewards import RewardSources, inference_reward_sources
 from rlhf.rollout.hf import HFGenerator
 from rlhf.rollout.vllm_engine import VLLMGenerator, engine_tp_group
-from rlhf.distributed.collectives import all_reduce_sums, gather_in_order
 
 
 def keep(cfg: RejectionSamplingConfig, rewards: list[float], n: int) -> list[int]:
@@ -56,7 +56,9 @@ def keep(cfg: RejectionSamplingConfig, rewards: list[float], n: int) -> list[int
     return [start + max(range(n), key=lambda k: rewards[start + k]) for start in range(0, len(rewards), n)]
 
 
-def sft_round(engine: TrainEngine, samples: list[Sample], cfg: RejectionSamplingConfig, pad_id: int, rank: int, dp: int, seed: int) -> dict[str, float]:
+def sft_round(
+    engine: TrainEngine, samples: list[Sample], cfg: RejectionSamplingConfig, pad_id: int, rank: int, dp: int, seed: int
+) -> dict[str, float]:
     """--max_epochs passes over the kept samples (the same list on every rank); loss = mean NLL per response token of each global batch."""
     lengths = [len(s) for s in samples]
     accumulation = engine.accumulation_steps
@@ -113,14 +115,21 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     if task.eval_task == "generate_vllm":
         tp_group = engine_tp_group(world, rank, cfg.rollout.vllm_tensor_parallel_size)
         generator = VLLMGenerator(
-            resolve_model_path(cfg.model.pretrain), tokenizer, cfg.rollout, max_model_len=task.prompt_max_len + cfg.rollout.generate_max_len,
-            dtype=torch.bfloat16 if cfg.model.bf16 else torch.float32, seed=cfg.train.seed, tp_group=tp_group,
+            resolve_model_path(cfg.model.pretrain),
+            tokenizer,
+            cfg.rollout,
+            max_model_len=task.prompt_max_len + cfg.rollout.generate_max_len,
+            dtype=torch.bfloat16 if cfg.model.bf16 else torch.float32,
+            seed=cfg.train.seed,
+            tp_group=tp_group,
         )
     else:
         generator = HFGenerator(engine.module, tokenizer, cfg.rollout, engine.unpartitioned)
     sources = inference_reward_sources(task, cfg.model, tokenizer)
     metrics_path = cfg.log.metrics_path or os.path.join(select.output_dir, "metrics.jsonl")
-    logger = MetricsLogger(metrics_path, cfg.log, dataclasses.asdict(cfg), "rejection_sampling", max(select.iterations, 1), enabled=launch.is_rank0)
+    logger = MetricsLogger(
+        metrics_path, cfg.log, dataclasses.asdict(cfg), "rejection_sampling", max(select.iterations, 1), enabled=launch.is_rank0
+    )
 
     # 4. Rounds.
     if eval_prompts:
@@ -133,16 +142,30 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         rewards = sources.score([prompts[i] for i, _ in jobs], responses, tokenizer, task.micro_batch_size)[0].tolist() if jobs else []
         chosen = keep(cfg, rewards, n)
         records = [
-            {**prompts[jobs[j][0]].row, "prompt": prompts[jobs[j][0]].text, "output": tokenizer.decode(responses[j], skip_special_tokens=True), "reward": rewards[j],
-             "_row": jobs[j][0], "_sample": jobs[j][1], "_ids": prompts[jobs[j][0]].ids + responses[j], "_prompt_len": len(prompts[jobs[j][0]].ids)}
+            {
+                **prompts[jobs[j][0]].row,
+                "prompt": prompts[jobs[j][0]].text,
+                "output": tokenizer.decode(responses[j], skip_special_tokens=True),
+                "reward": rewards[j],
+                "_row": jobs[j][0],
+                "_sample": jobs[j][1],
+                "_ids": prompts[jobs[j][0]].ids + responses[j],
+                "_prompt_len": len(prompts[jobs[j][0]].ids),
+            }
             for j in chosen
         ]
         kept = gather_in_order(records, world)
         sums = all_reduce_sums({"reward": sum(rewards), "samples": float(len(rewards))})
-        record = {"sample_reward": sums["reward"] / max(sums["samples"], 1.0), "kept": float(len(kept)),
-                  "kept_reward": sum(r["reward"] for r in kept) / max(len(kept), 1)}
+        record = {
+            "sample_reward": sums["reward"] / max(sums["samples"], 1.0),
+            "kept": float(len(kept)),
+            "kept_reward": sum(r["reward"] for r in kept) / max(len(kept), 1),
+        }
         if launch.is_rank0:
-            write_jsonl_atomic(os.path.join(select.output_dir, f"round_{round_ + 1}.jsonl"), [{k: v for k, v in r.items() if not k.startswith("_")} for r in kept])
+            write_jsonl_atomic(
+                os.path.join(select.output_dir, f"round_{round_ + 1}.jsonl"),
+                [{k: v for k, v in r.items() if not k.startswith("_")} for r in kept],
+            )
         if select.iterations > 0:
             samples = [Sample(r["_ids"], [0] * r["_prompt_len"] + [1] * (len(r["_ids"]) - r["_prompt_len"])) for r in kept]
             random.Random(cfg.train.seed + round_).shuffle(samples)
@@ -157,7 +180,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         export_hf(engine, tokenizer, os.path.join(select.output_dir, "model"))
 
 
-def _eval(generator, engine: TrainEngine, sources: RewardSources, prompts: list[Prompt], tokenizer, micro: int, rank: int, world: int) -> float:
+def _eval(
+    generator, engine: TrainEngine, sources: RewardSources, prompts: list[Prompt], tokenizer, micro: int, rank: int, world: int
+) -> float:
     if isinstance(generator, VLLMGenerator):
         generator.refresh(engine)
     return mean_greedy_reward(generator, sources, prompts, tokenizer, micro, rank, world)

@@ -100,7 +100,9 @@ class RemoteReward:
         self.url, self.timeout, self.retries = url, timeout, retries
 
     def __call__(self, prompts: list[str], responses: list[str], labels: list[Any]) -> torch.Tensor:
-        body = json.dumps({"prompts": prompts, "responses": responses, "labels": labels, "queries": [p + r for p, r in zip(prompts, responses)]}).encode()
+        body = json.dumps(
+            {"prompts": prompts, "responses": responses, "labels": labels, "queries": [p + r for p, r in zip(prompts, responses)]}
+        ).encode()
         last_error = ""
         for attempt in range(self.retries + 1):
             if attempt:
@@ -135,7 +137,10 @@ def parse_weights(weights: Optional[str], n_sources: int) -> list[float]:
     except ValueError:
         raise UserError(f"--reward_weights must be comma-separated numbers, got {weights!r}") from None
     if len(values) != n_sources:
-        raise UserError(f"--reward_weights has {len(values)} values for {n_sources} reward sources (reward models, then --remote_rm_url, then --reward_func)")
+        raise UserError(
+            f"--reward_weights has {len(values)} values for {n_sources} reward sources (reward models, then --remote_rm_url, "
+            "then --reward_func)"
+        )
     return values
 
 
@@ -175,9 +180,17 @@ class RewardSources:
 
     @classmethod
     def from_flags(
-        cls, *, reward_pretrain: Optional[str], reward_func: Optional[str], weights: Optional[str], normalize: bool,
-        remote_rm_url: Optional[str] = None, remote_timeout: float = 30.0, remote_retries: int = 3,
-        clip: tuple[float, float] = (-float("inf"), float("inf")), load_model: Optional[Callable[[str], Any]] = None,
+        cls,
+        *,
+        reward_pretrain: Optional[str],
+        reward_func: Optional[str],
+        weights: Optional[str],
+        normalize: bool,
+        remote_rm_url: Optional[str] = None,
+        remote_timeout: float = 30.0,
+        remote_retries: int = 3,
+        clip: tuple[float, float] = (-float("inf"), float("inf")),
+        load_model: Optional[Callable[[str], Any]] = None,
     ) -> "RewardSources":
         """The sources the flags name; ``load_model(path)`` loads each --reward_pretrain model (pass
         None on ranks that do not hold the reward models)."""
@@ -214,7 +227,9 @@ class RewardSources:
             per_model.append(normalise_score(score, config) if self.normalize else score)
         return torch.stack(per_model, dim=1) if per_model else torch.zeros(len(samples), 0)
 
-    def combine(self, model_scores: torch.Tensor, prompts: Sequence[Any], responses: list[str]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def combine(
+        self, model_scores: torch.Tensor, prompts: Sequence[Any], responses: list[str]
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Run the text sources on the decoded ``responses`` to ``prompts`` (each with ``.text`` and
         ``.label``) and add the reward models' ``model_scores`` [B, num_models]: the combined,
         clipped reward [B] and each source's reward [B] by name."""
@@ -223,7 +238,9 @@ class RewardSources:
         per_source.update({name: fn(texts, responses, labels) for name, fn in self.text.items()})
         return combine(list(per_source.values()), self.weights, self.clip), per_source
 
-    def score(self, prompts: Sequence[Any], responses: list[list[int]], tokenizer, micro: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def score(
+        self, prompts: Sequence[Any], responses: list[list[int]], tokenizer, micro: int
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Every source on one rank: prompts (``.ids``, ``.text``, ``.label``) and response ids ->
         (combined reward [B], per-source rewards [B] by name)."""
         samples = [Sample(p.ids + r, [0] * len(p.ids) + [1] * len(r)) for p, r in zip(prompts, responses)]
@@ -241,7 +258,11 @@ def inference_reward_sources(task: Any, model: Any, tokenizer) -> RewardSources:
         return load_reward_model(frozen, pad_token_id=tokenizer.pad_token_id, flag="--reward_pretrain").to(device()).eval()
 
     return RewardSources.from_flags(
-        reward_pretrain=task.reward_pretrain, reward_func=task.reward_func, weights=task.reward_weights, normalize=task.normalize_reward, load_model=load
+        reward_pretrain=task.reward_pretrain,
+        reward_func=task.reward_func,
+        weights=task.reward_weights,
+        normalize=task.normalize_reward,
+        load_model=load,
     )
 
 

@@ -30,12 +30,12 @@ import torch
 from rlhf.algos.preference import pairwise_logexp_loss, pairwise_sigmoid_loss
 from rlhf.data.batching import shard_for_eval
 from rlhf.data.preference import PairSample, collate_pairs, load_pairs
+from rlhf.distributed.collectives import all_reduce_sums
 from rlhf.distributed.env import device, init_distributed
 from rlhf.distributed.topology import Topology
 from rlhf.engines.train_engine import TrainEngine
 from rlhf.errors import exit_on_user_error, run_program
 from rlhf.models.loading import load_reward_model, load_tokenizer
-from rlhf.distributed.collectives import all_reduce_sums
 from rlhf.trainer import Loop, finish, plan_total_steps, run
 
 
@@ -120,7 +120,17 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         return pair_metrics(loss_sum.detach(), chosen.detach(), rejected.detach())
 
     evaluate_now = (lambda: evaluate(engine, eval_pairs, cfg, pad_id, rank, dp)) if eval_pairs else None
-    loop = Loop(name="rm", cfg=cfg, launch=launch, dp_size=dp, items=train_pairs, lengths=lengths, micro_step=micro_step, step_normaliser=len, evaluate=evaluate_now)
+    loop = Loop(
+        name="rm",
+        cfg=cfg,
+        launch=launch,
+        dp_size=dp,
+        items=train_pairs,
+        lengths=lengths,
+        micro_step=micro_step,
+        step_normaliser=len,
+        evaluate=evaluate_now,
+    )
     run(loop, engine, total_steps, per_epoch)
 
     # 5. Reward statistics for PPO's normalisation (over the eval set, else the training pairs).

@@ -23,14 +23,14 @@ import torch
 from rlhf.data.batching import shard_for_eval
 from rlhf.data.sft import Sample, tokenize_sft
 from rlhf.data.sources import load_train_eval
+from rlhf.distributed.collectives import all_reduce_sums
 from rlhf.distributed.env import init_distributed
 from rlhf.distributed.topology import Topology
 from rlhf.engines.sft_forward import batch_tensors, forward_nll, target_tokens
 from rlhf.engines.train_engine import TrainEngine
 from rlhf.errors import exit_on_user_error, run_program
-from rlhf.distributed.collectives import all_reduce_sums
-from rlhf.trainer import Loop, finish, plan_total_steps, run
 from rlhf.models.loading import load_causal_lm, load_tokenizer
+from rlhf.trainer import Loop, finish, plan_total_steps, run
 
 
 def load_samples(cfg: SFTConfig, tokenizer) -> tuple[list[Sample], list[Sample]]:
@@ -87,8 +87,14 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         return metrics
 
     loop = Loop(
-        name="sft", cfg=cfg, launch=launch, dp_size=dp, items=train_samples, lengths=lengths,
-        micro_step=micro_step, step_normaliser=target_tokens,
+        name="sft",
+        cfg=cfg,
+        launch=launch,
+        dp_size=dp,
+        items=train_samples,
+        lengths=lengths,
+        micro_step=micro_step,
+        step_normaliser=target_tokens,
         evaluate=(lambda: evaluate(engine, eval_samples, cfg, pad_id, rank, dp)) if eval_samples else None,
     )
     run(loop, engine, total_steps, per_epoch)

@@ -20,7 +20,6 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
 
-import torch
 import torch.distributed as dist
 
 from rlhf.data.batching import plan_epoch, step_micro_batches, steps_in_epoch
@@ -79,10 +78,15 @@ def run(loop: Loop, engine: TrainEngine, total_steps: int, per_epoch: int, check
     if cfg.ckpt.load_checkpoint and (folder := latest_checkpoint(cfg.ckpt.ckpt_path)) is not None:
         start_step = load_checkpoint(folder, engines)["step"]
         if start_step >= total_steps and loop.launch.is_rank0:
-            print(f"checkpoint {folder} is at step {start_step}, already at the end of training ({total_steps} steps): exporting only", flush=True)
+            print(
+                f"checkpoint {folder} is at step {start_step}, already at the end of training ({total_steps} steps): exporting only",
+                flush=True,
+            )
 
     metrics_path = cfg.log.metrics_path or os.path.join(cfg.ckpt.save_path, "metrics.jsonl")
-    logger = MetricsLogger(metrics_path, cfg.log, dataclasses.asdict(cfg), loop.name, total_steps, enabled=loop.launch.is_rank0, resumed=start_step > 0)
+    logger = MetricsLogger(
+        metrics_path, cfg.log, dataclasses.asdict(cfg), loop.name, total_steps, enabled=loop.launch.is_rank0, resumed=start_step > 0
+    )
     if start_step:
         logger.log(start_step, {"resumed_from_step": start_step})
     plan, plan_of_epoch = None, -1
@@ -130,7 +134,9 @@ def _reduce_step_metrics(sums: dict[str, float], normaliser: float, micro_batche
     return {k: v / (micro_batches if k in MICRO_MEANS else max(normaliser, 1e-12)) for k, v in totals.items()}
 
 
-def finish(engine: Optional[TrainEngine], tokenizer: Any, cfg: Any, launch: LaunchEnv, extra_files: Optional[dict[str, str]] = None) -> None:
+def finish(
+    engine: Optional[TrainEngine], tokenizer: Any, cfg: Any, launch: LaunchEnv, extra_files: Optional[dict[str, str]] = None
+) -> None:
     """Export the trained model to --save_path, upload it to --s3_save_path, end the process group.
     Collective over the world; ``engine`` is None on ranks that do not hold the exported model."""
     if engine is not None:

@@ -26,12 +26,39 @@ from rlhf.rollout.hf import HFGenerator
 
 
 def one_update_both_ways(model: str, extra: list[str]) -> dict:
-    cfg = parse_config(PPOConfig, [
-        "--pretrain", model, "--prompt_data", "embedded:arith/prompts_train.jsonl", "--reward_func", "rlhf.rewards:exact_match",
-        "--rollout_batch_size", "4", "--n_samples_per_prompt", "4", "--train_batch_size", "16", "--micro_train_batch_size", "8",
-        "--use_kl_loss", "--init_kl_coef", "0.05", "--kl_estimator", "k3", "--generate_max_len", "6", "--learning_rate", "1e-3",
-        "--lr_warmup_ratio", "0", "--zero_stage", "2", *extra,
-    ])
+    cfg = parse_config(
+        PPOConfig,
+        [
+            "--pretrain",
+            model,
+            "--prompt_data",
+            "embedded:arith/prompts_train.jsonl",
+            "--reward_func",
+            "rlhf.rewards:exact_match",
+            "--rollout_batch_size",
+            "4",
+            "--n_samples_per_prompt",
+            "4",
+            "--train_batch_size",
+            "16",
+            "--micro_train_batch_size",
+            "8",
+            "--use_kl_loss",
+            "--init_kl_coef",
+            "0.05",
+            "--kl_estimator",
+            "k3",
+            "--generate_max_len",
+            "6",
+            "--learning_rate",
+            "1e-3",
+            "--lr_warmup_ratio",
+            "0",
+            "--zero_stage",
+            "2",
+            *extra,
+        ],
+    )
     assert behaviour_logp_from_training(cfg)
     tokenizer = load_tokenizer(cfg.model)
     torch.manual_seed(0)
@@ -50,7 +77,9 @@ def one_update_both_ways(model: str, extra: list[str]) -> dict:
         is_weights = ppo_math.truncated_is_weights(old_logp, engine_logp, cfg.rollout.vllm_is_truncation, action_mask)
     separate = ActorBatch(batch, action_mask, old_logp, ref_logp, advantages, is_weights, engine_logp)
     fused = ActorBatch(batch, action_mask, None, ref_logp, advantages, None, engine_logp)
-    results = [train_actor(cfg, exp, actor, None, 0.05, 7, None, 0, None, tokenizer.pad_token_id) for actor, exp in zip(actors, (separate, fused))]
+    results = [
+        train_actor(cfg, exp, actor, None, 0.05, 7, None, 0, None, tokenizer.pad_token_id) for actor, exp in zip(actors, (separate, fused))
+    ]
     kl_separate = (torch.exp(ref_logp - old_logp) - (ref_logp - old_logp) - 1) * action_mask  # k3, as the experience phase measures it
     gap_separate = ((old_logp - engine_logp).abs() * action_mask).sum().item() if engine_logp is not None else 0.0
     weights = [dict(a.module.named_parameters()) for a in actors]
@@ -58,8 +87,10 @@ def one_update_both_ways(model: str, extra: list[str]) -> dict:
     return {
         "policy_loss": abs(results[0]["policy_loss"] - results[1]["policy_loss"]),
         "entropy": abs(results[0]["entropy"] - results[1]["entropy"]),
-        "kl_in_training": results[1]["kl"], "kl_separate": kl_separate.sum().item(),
-        "gap_in_training": results[1]["rollout_logp_gap"], "gap_separate": gap_separate,
+        "kl_in_training": results[1]["kl"],
+        "kl_separate": kl_separate.sum().item(),
+        "gap_in_training": results[1]["rollout_logp_gap"],
+        "gap_separate": gap_separate,
         "weights": max((weights[0][k] - weights[1][k]).abs().max().item() for k in weights[0]),
         "update": max((weights[0][k] - start[k].detach()).abs().max().item() for k in weights[0]),
     }

@@ -155,10 +155,20 @@ def sft_tiny_model(tmp_path_factory):
     from helpers import run_trainer
 
     out = tmp_path_factory.mktemp("sft-tiny")
-    run_trainer("rlhf.sft", [
-        "--config", "configs/sft_tiny.yaml", "--dataset", "embedded:arith/sft_train.jsonl",
-        "--save_path", str(out / "model"), "--ckpt_path", str(out / "ckpt"),
-    ], timeout=1200)
+    run_trainer(
+        "rlhf.sft",
+        [
+            "--config",
+            "configs/sft_tiny.yaml",
+            "--dataset",
+            "embedded:arith/sft_train.jsonl",
+            "--save_path",
+            str(out / "model"),
+            "--ckpt_path",
+            str(out / "ckpt"),
+        ],
+        timeout=1200,
+    )
     return out / "model"
 
 
@@ -170,7 +180,9 @@ def sft_teacher_model(tmp_path_factory):
     from helpers import run_trainer
 
     out = tmp_path_factory.mktemp("sft-teacher")
-    run_trainer("rlhf.sft", ["--config", "configs/sft_tiny.yaml", "--save_path", str(out / "model"), "--ckpt_path", str(out / "ckpt")], timeout=1200)
+    run_trainer(
+        "rlhf.sft", ["--config", "configs/sft_tiny.yaml", "--save_path", str(out / "model"), "--ckpt_path", str(out / "ckpt")], timeout=1200
+    )
     return out / "model"
 
 
@@ -180,7 +192,20 @@ def rm_tiny_model(sft_tiny_model, tmp_path_factory):
     from helpers import run_trainer
 
     out = tmp_path_factory.mktemp("rm-tiny")
-    run_trainer("rlhf.rm", ["--config", "configs/rm_tiny.yaml", "--pretrain", str(sft_tiny_model), "--save_path", str(out / "model"), "--ckpt_path", str(out / "ckpt")], timeout=1200)
+    run_trainer(
+        "rlhf.rm",
+        [
+            "--config",
+            "configs/rm_tiny.yaml",
+            "--pretrain",
+            str(sft_tiny_model),
+            "--save_path",
+            str(out / "model"),
+            "--ckpt_path",
+            str(out / "ckpt"),
+        ],
+        timeout=1200,
+    )
     return out / "model"
 
 
@@ -191,7 +216,11 @@ def sft_weak_model(tmp_path_factory):
     from helpers import run_trainer
 
     out = tmp_path_factory.mktemp("sft-weak")
-    run_trainer("rlhf.sft", ["--config", "configs/sft_tiny.yaml", "--max_epochs", "9", "--save_path", str(out / "model"), "--ckpt_path", str(out / "ckpt")], timeout=1200)
+    run_trainer(
+        "rlhf.sft",
+        ["--config", "configs/sft_tiny.yaml", "--max_epochs", "9", "--save_path", str(out / "model"), "--ckpt_path", str(out / "ckpt")],
+        timeout=1200,
+    )
     return out / "model"
 
 
@@ -202,9 +231,29 @@ def chat_tiny_model(tmp_path_factory):
     from helpers import run_trainer
 
     out = tmp_path_factory.mktemp("chat-tiny")
-    run_trainer("rlhf.sft", [
-        "--config", "configs/sft_tiny.yaml", "--dataset", "embedded:arith/chat_train.jsonl", "--eval_dataset", "None",
-        "--input_key", "messages", "--output_key", "None", "--apply_chat_template", "--max_len", "64", "--max_epochs", "4",
-        "--save_path", str(out / "model"), "--ckpt_path", str(out / "ckpt"),
-    ], timeout=1200)
+    run_trainer(
+        "rlhf.sft",
+        [
+            "--config",
+            "configs/sft_tiny.yaml",
+            "--dataset",
+            "embedded:arith/chat_train.jsonl",
+            "--eval_dataset",
+            "None",
+            "--input_key",
+            "messages",
+            "--output_key",
+            "None",
+            "--apply_chat_template",
+            "--max_len",
+            "64",
+            "--max_epochs",
+            "4",
+            "--save_path",
+            str(out / "model"),
+            "--ckpt_path",
+            str(out / "ckpt"),
+        ],
+        timeout=1200,
+    )
     return out / "model"

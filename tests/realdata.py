@@ -87,15 +87,17 @@ def ultrafeedback_rows(n: int = 8) -> list[dict]:
     for i, (q, good, bad) in enumerate(_pairs(n)):
         user = {"content": q, "role": "user"}
         chosen = [user, {"content": good, "role": "assistant"}]
-        rows.append({
-            "prompt": q,
-            "prompt_id": f"{i:064x}",
-            "chosen": chosen,
-            "rejected": [user, {"content": bad, "role": "assistant"}],
-            "messages": chosen,
-            "score_chosen": 8.5 - (i % 3),
-            "score_rejected": 3.0 + (i % 2) * 0.5,
-        })
+        rows.append(
+            {
+                "prompt": q,
+                "prompt_id": f"{i:064x}",
+                "chosen": chosen,
+                "rejected": [user, {"content": bad, "role": "assistant"}],
+                "messages": chosen,
+                "score_chosen": 8.5 - (i % 3),
+                "score_rejected": 3.0 + (i % 2) * 0.5,
+            }
+        )
     return rows
 
 
@@ -134,11 +136,13 @@ def kto_mix_rows(n: int = 8) -> list[dict]:
     rows = []
     for i, (q, good, bad) in enumerate(_pairs(n)):
         desirable = i % 2 == 0
-        rows.append({
-            "prompt": [{"content": q, "role": "user"}],
-            "completion": [{"content": good if desirable else bad, "role": "assistant"}],
-            "label": desirable,
-        })
+        rows.append(
+            {
+                "prompt": [{"content": q, "role": "user"}],
+                "completion": [{"content": good if desirable else bad, "role": "assistant"}],
+                "label": desirable,
+            }
+        )
     return rows
 
 
@@ -155,10 +159,13 @@ def gsm8k_rows(n: int = 8) -> list[dict]:
     rows = []
     for i in range(n):
         a, b = 3 + i, 4 + 2 * i
-        rows.append({
-            "question": f"Mia has {a} apples and buys {b} more. How many apples does she have now?",
-            "answer": f"Mia starts with {a} apples.\nShe buys {b} more, so she has {a} + {b} = <<{a}+{b}={a + b}>>{a + b} apples.\n#### {a + b}",
-        })
+        rows.append(
+            {
+                "question": f"Mia has {a} apples and buys {b} more. How many apples does she have now?",
+                "answer": f"Mia starts with {a} apples.\nShe buys {b} more, so she has {a} + {b} = <<{a}+{b}={a + b}>>{a + b} apples.\n#### "
+                f"{a + b}",
+            }
+        )
     return rows
 
 
@@ -176,7 +183,7 @@ def gsm8k_messages_rows(n: int = 8) -> list[dict]:
 # A verifiable GSM8K reward: the last number in the response against the number after '####' in
 # the label. It also appends every call's inputs to $RLHF_REWARD_LOG (when set), so tests can
 # check exactly what the trainer handed it.
-GSM8K_REWARD = '''\
+GSM8K_REWARD = """\
 import json
 import os
 import re
@@ -200,7 +207,7 @@ def reward(prompts, responses, labels):
         want = label.split("####")[-1].strip()
         rewards.append(1.0 if final_number(response) == want else 0.0)
     return rewards
-'''
+"""
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
@@ -278,19 +285,19 @@ LLAMA_CHAT_TEMPLATE = (
     "{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif %}"
 )
 # Llama-3's split regex (contractions, letters, 1-3 digit groups, punctuation runs, whitespace).
-LLAMA_SPLIT_REGEX = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
+LLAMA_SPLIT_REGEX = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 
 
 def _train_bpe(specials: tuple[str, ...], split_regex: str, vocab_size: int) -> Tokenizer:
     """A byte-level BPE with real merges, trained on the fixture corpus (specials get ids 0..k-1)."""
     backend = Tokenizer(models.BPE(unk_token=None, byte_fallback=False, fuse_unk=False))
     backend.normalizer = normalizers.NFC()
-    backend.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(split_regex), behavior="isolated", invert=False),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
+    backend.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(split_regex), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
     backend.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size, special_tokens=list(specials), initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
@@ -304,8 +311,13 @@ def qwen2_like_tokenizer():
 
     tok = PreTrainedTokenizerFast(
         tokenizer_object=_train_bpe(QWEN_SPECIALS, QWEN2_SPLIT_REGEX, 600),
-        bos_token=None, eos_token="<|im_end|>", pad_token="<|endoftext|>", additional_special_tokens=["<|im_start|>"],
-        padding_side="right", model_max_length=1024, clean_up_tokenization_spaces=False,
+        bos_token=None,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        additional_special_tokens=["<|im_start|>"],
+        padding_side="right",
+        model_max_length=1024,
+        clean_up_tokenization_spaces=False,
     )
     tok.chat_template = QWEN_CHAT_TEMPLATE
     return tok
@@ -317,11 +329,18 @@ def llama3_like_tokenizer():
     backend = _train_bpe(LLAMA_SPECIALS, LLAMA_SPLIT_REGEX, 600)
     bos = "<|begin_of_text|>"
     # Llama-3's tokenizer.json prepends BOS in its post-processor: encode(add_special_tokens=True) starts with it.
-    backend.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, backend.token_to_id(bos))])
+    backend.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, backend.token_to_id(bos))]
+    )
     tok = PreTrainedTokenizerFast(
         tokenizer_object=backend,
-        bos_token=bos, eos_token="<|end_of_text|>", pad_token=None, additional_special_tokens=list(LLAMA_SPECIALS[2:]),
-        padding_side="right", model_max_length=1024, clean_up_tokenization_spaces=False,
+        bos_token=bos,
+        eos_token="<|end_of_text|>",
+        pad_token=None,
+        additional_special_tokens=list(LLAMA_SPECIALS[2:]),
+        padding_side="right",
+        model_max_length=1024,
+        clean_up_tokenization_spaces=False,
     )
     tok.chat_template = LLAMA_CHAT_TEMPLATE
     return tok
@@ -333,8 +352,14 @@ def _tiny_model(config_cls, seed: int, **kw):
     torch.manual_seed(seed)
     # head_dim 32: vLLM's CPU attention kernels have none for 16.
     config = config_cls(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
-        max_position_embeddings=1024, initializer_range=0.02, **kw,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=1024,
+        initializer_range=0.02,
+        **kw,
     )
     return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
 
@@ -345,7 +370,9 @@ def build_qwen2_like(out: Path) -> Path:
 
     tok = qwen2_like_tokenizer()
     eos, pad = tok.convert_tokens_to_ids("<|im_end|>"), tok.convert_tokens_to_ids("<|endoftext|>")
-    model = _tiny_model(Qwen2Config, 1, vocab_size=len(tok) + 128, tie_word_embeddings=True, bos_token_id=None, eos_token_id=eos, pad_token_id=pad)
+    model = _tiny_model(
+        Qwen2Config, 1, vocab_size=len(tok) + 128, tie_word_embeddings=True, bos_token_id=None, eos_token_id=eos, pad_token_id=pad
+    )
     model.generation_config = GenerationConfig(bos_token_id=None, eos_token_id=[eos, pad], pad_token_id=pad)
     model.save_pretrained(out)
     tok.save_pretrained(out)
@@ -358,7 +385,16 @@ def build_llama3_like(out: Path) -> Path:
 
     tok = llama3_like_tokenizer()
     bos, eos, eot = (tok.convert_tokens_to_ids(t) for t in ("<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>"))
-    model = _tiny_model(LlamaConfig, 2, vocab_size=len(tok), tie_word_embeddings=False, bos_token_id=bos, eos_token_id=eos, pad_token_id=None, rope_theta=500000.0)
+    model = _tiny_model(
+        LlamaConfig,
+        2,
+        vocab_size=len(tok),
+        tie_word_embeddings=False,
+        bos_token_id=bos,
+        eos_token_id=eos,
+        pad_token_id=None,
+        rope_theta=500000.0,
+    )
     model.generation_config = GenerationConfig(bos_token_id=bos, eos_token_id=[eos, eot])
     model.save_pretrained(out)
     tok.save_pretrained(out)
@@ -372,7 +408,6 @@ def build_family(name: str, out: Path) -> Path:
     return FAMILIES[name](out)
 
 
-
 def teach_chat(folder: Path, steps: int = 80, seed: int = 0) -> Path:
     """Train the tiny model in ``folder`` (in place) on its own template's renderings of the
     fixture chats, so it answers in the chat format and, above all, ends its turns with the
@@ -384,7 +419,12 @@ def teach_chat(folder: Path, steps: int = 80, seed: int = 0) -> Path:
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     chats = [[{"role": "user", "content": q}, {"role": "assistant", "content": a}] for q, a in QA]
     for row in gsm8k_rows(16):
-        chats.append([{"role": "user", "content": row["question"]}, {"role": "assistant", "content": "The answer is " + row["answer"].split("#### ")[-1]}])
+        chats.append(
+            [
+                {"role": "user", "content": row["question"]},
+                {"role": "assistant", "content": "The answer is " + row["answer"].split("#### ")[-1]},
+            ]
+        )
     ids = [tok.encode(tok.apply_chat_template(c, tokenize=False), add_special_tokens=False) for c in chats]
     width = max(len(x) for x in ids)
     batch = torch.zeros(len(ids), width, dtype=torch.long)

@@ -77,7 +77,17 @@ def imported_modules(name: str, path: Path, tree: ast.Module) -> Iterator[tuple[
 def test_entry_points_are_found():
     """The detection itself: the known entry points are found, the shared loop is not one."""
     entry_points = {name for name, (_, tree) in parse_package().items() if is_entry_point(tree)}
-    assert {"rlhf.sft", "rlhf.rm", "rlhf.dpo", "rlhf.kto", "rlhf.ppo", "rlhf.generate", "rlhf.rejection_sampling", "rlhf.chat", "rlhf.plan"} <= entry_points
+    assert {
+        "rlhf.sft",
+        "rlhf.rm",
+        "rlhf.dpo",
+        "rlhf.kto",
+        "rlhf.ppo",
+        "rlhf.generate",
+        "rlhf.rejection_sampling",
+        "rlhf.chat",
+        "rlhf.plan",
+    } <= entry_points
     assert "rlhf.trainer" not in entry_points  # the shared supervised loop is a library module
 
 
@@ -92,6 +102,6 @@ def test_no_module_imports_an_entry_point():
                 seen.add((imported, line))
                 offences.append(f"{path.relative_to(REPO)}:{line} ({name}) imports entry point {imported}: {text}")
     assert not offences, (
-        "modules under rlhf/ import entry points (modules with `if __name__ == \"__main__\":`); "
+        'modules under rlhf/ import entry points (modules with `if __name__ == "__main__":`); '
         "move what they share into a library module:\n  " + "\n  ".join(offences)
     )

@@ -6,19 +6,22 @@ import sys
 
 import pexpect
 import torch
-
 from helpers import REPO, trainer_env
+
 from rlhf.config import ModelConfig
 from rlhf.data.sft import encode_rendered
 from rlhf.models.loading import load_causal_lm, load_tokenizer
+
 
 def expected_reply(model_path, messages: list[dict]) -> str:
     """What greedy decoding of the chat-templated conversation gives, computed here directly."""
     cfg = ModelConfig(pretrain=str(model_path))
     tokenizer, model = load_tokenizer(cfg), load_causal_lm(cfg).eval()
     ids = encode_rendered(tokenizer, tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
-    out = model.generate(torch.tensor([ids]), max_new_tokens=6, do_sample=False, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    return tokenizer.decode(out[0, len(ids):], skip_special_tokens=True)
+    out = model.generate(
+        torch.tensor([ids]), max_new_tokens=6, do_sample=False, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
+    )
+    return tokenizer.decode(out[0, len(ids) :], skip_special_tokens=True)
 
 
 def ask(child: pexpect.spawn, text: str) -> str:
@@ -29,7 +32,13 @@ def ask(child: pexpect.spawn, text: str) -> str:
 
 def test_chat_in_a_terminal(chat_tiny_model):
     """Greedy replies equal transformers' for the same conversation; the second turn sees the first."""
-    child = pexpect.spawn(sys.executable, ["-m", "rlhf.chat", str(chat_tiny_model), "--max_new_tokens", "6", "--system_prompt", "Add."], cwd=str(REPO), env=trainer_env(), timeout=180)
+    child = pexpect.spawn(
+        sys.executable,
+        ["-m", "rlhf.chat", str(chat_tiny_model), "--max_new_tokens", "6", "--system_prompt", "Add."],
+        cwd=str(REPO),
+        env=trainer_env(),
+        timeout=180,
+    )
     try:
         child.expect("User: ", timeout=180)
         first = ask(child, "3+4=")
@@ -44,6 +53,11 @@ def test_chat_in_a_terminal(chat_tiny_model):
     assert child.exitstatus == 0
     system = {"role": "system", "content": "Add."}
     assert first and first == again == expected_reply(chat_tiny_model, [system, {"role": "user", "content": "3+4="}])
-    with_history = [system, {"role": "user", "content": "3+4="}, {"role": "assistant", "content": first}, {"role": "user", "content": "5+5="}]
+    with_history = [
+        system,
+        {"role": "user", "content": "3+4="},
+        {"role": "assistant", "content": first},
+        {"role": "user", "content": "5+5="},
+    ]
     assert second == expected_reply(chat_tiny_model, with_history)
     assert second != expected_reply(chat_tiny_model, [system, {"role": "user", "content": "5+5="}])  # the history really went in

@@ -8,8 +8,8 @@ import subprocess
 import sys
 
 import pytest
-
 from helpers import REPO, run_trainer, trainer_env
+
 from rlhf.config import DPOConfig, PPOConfig, SFTConfig, parse_config
 from rlhf.errors import UserError
 
@@ -43,7 +43,9 @@ def test_help_exits_0_without_heavy_imports(entry):
 
 def test_help_lists_the_openrlhf_flags_it_reads():
     """The help names every OpenRLHF spelling the command accepts and each one it refuses."""
-    proc = subprocess.run([sys.executable, "-m", "rlhf.dpo", "--help"], cwd=REPO, env=trainer_env(), capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "rlhf.dpo", "--help"], cwd=REPO, env=trainer_env(), capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0
     text = " ".join(proc.stdout.split())
     assert "--ipo = --loss_type ipo" in text
@@ -77,11 +79,34 @@ NOISE = ["Setting accelerator to CPU", "gemm_4bit_forward", "Traceback"]
 
 def test_a_tiny_run_prints_no_third_party_noise(tmp_path):
     """DeepSpeed's accelerator line and bitsandbytes' kernel line stay out of a run's output."""
-    proc = run_trainer("rlhf.sft", [
-        "--pretrain", "embedded:tiny-qwen2", "--dataset", "embedded:arith/sft_train.jsonl", "--max_samples", "16", "--eval_holdout_ratio", "0",
-        "--max_len", "32", "--micro_train_batch_size", "8", "--train_batch_size", "8", "--max_steps", "1", "--zero_stage", "0",
-        "--save_path", str(tmp_path / "model"), "--ckpt_path", str(tmp_path / "ckpt"),
-    ], nproc=0)
+    proc = run_trainer(
+        "rlhf.sft",
+        [
+            "--pretrain",
+            "embedded:tiny-qwen2",
+            "--dataset",
+            "embedded:arith/sft_train.jsonl",
+            "--max_samples",
+            "16",
+            "--eval_holdout_ratio",
+            "0",
+            "--max_len",
+            "32",
+            "--micro_train_batch_size",
+            "8",
+            "--train_batch_size",
+            "8",
+            "--max_steps",
+            "1",
+            "--zero_stage",
+            "0",
+            "--save_path",
+            str(tmp_path / "model"),
+            "--ckpt_path",
+            str(tmp_path / "ckpt"),
+        ],
+        nproc=0,
+    )
     output = proc.stdout + proc.stderr
     assert [n for n in NOISE if n in output] == []
     assert (tmp_path / "model" / "config.json").is_file()

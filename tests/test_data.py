@@ -129,9 +129,9 @@ def test_save_to_disk_folder_picks_split_and_lists_available(tmp_path):
     import datasets
 
     folder = tmp_path / "dd"
-    datasets.DatasetDict(
-        {"train": datasets.Dataset.from_list(ROWS[:4]), "test": datasets.Dataset.from_list(ROWS[4:])}
-    ).save_to_disk(str(folder))
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(ROWS[:4]), "test": datasets.Dataset.from_list(ROWS[4:])}).save_to_disk(
+        str(folder)
+    )
     assert strip_where(load_rows(str(folder), "train")) == ROWS[:4]
     assert strip_where(load_rows(str(folder), "test")) == ROWS[4:]
     with pytest.raises(UserError, match=r"no split 'validation' \(available splits: train, test\)"):
@@ -202,7 +202,11 @@ def test_hub_failure_is_a_user_error(monkeypatch):
         raise FileNotFoundError(f"Dataset '{name}' doesn't exist on the Hub")
 
     monkeypatch.setattr(datasets, "load_dataset", fail)
-    with pytest.raises(UserError, match=r"^someorg/nothing: is not a local file/folder and could not be loaded from the hub: .*doesn't exist"):
+    with pytest.raises(
+        UserError,
+        match=r"^someorg/nothing: is not a local file/folder and could not be loaded from the hub: .*doesn't "
+        r"exist",
+    ):
         load_rows("someorg/nothing")
 
 
@@ -395,10 +399,7 @@ def test_no_chat_template_names_flag_and_model():
 
 def test_preprocess_fn_hook_and_its_errors(tmp_path, tok, monkeypatch):
     (tmp_path / "my_prep.py").write_text(
-        "def to_sft(row):\n"
-        "    if row['q'] == 'skip':\n"
-        "        return None\n"
-        "    return {'input': row['q'], 'output': row['a']}\n"
+        "def to_sft(row):\n    if row['q'] == 'skip':\n        return None\n    return {'input': row['q'], 'output': row['a']}\n"
     )
     monkeypatch.syspath_prepend(str(tmp_path))
     rows = [{"q": "1+1", "a": "2", "__where__": "r:1"}, {"q": "skip", "a": "", "__where__": "r:2"}]
@@ -454,8 +455,14 @@ def test_packed_loss_equals_padded_loss(tok, attn):
 
     rows = [
         {"messages": [{"role": "user", "content": "2+3?"}, {"role": "assistant", "content": "5"}]},
-        {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello there"},
-                      {"role": "user", "content": "and?"}, {"role": "assistant", "content": "bye"}]},
+        {
+            "messages": [
+                {"role": "user", "content": "hi"},
+                {"role": "assistant", "content": "hello there"},
+                {"role": "user", "content": "and?"},
+                {"role": "assistant", "content": "bye"},
+            ]
+        },
         {"messages": [{"role": "user", "content": "count"}, {"role": "assistant", "content": "1 2 3 4 5 6"}]},
     ]
     cfg = DataConfig(input_key="messages", output_key=None, apply_chat_template=True)
@@ -464,8 +471,13 @@ def test_packed_loss_equals_padded_loss(tok, attn):
 
     torch.manual_seed(0)
     config = Qwen2Config(
-        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
         initializer_range=0.2,  # larger than default so attention leaking across samples shows clearly
     )
     config._attn_implementation = attn

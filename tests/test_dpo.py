@@ -5,18 +5,34 @@ from __future__ import annotations
 import shutil
 
 import pytest
-
 from helpers import ZERO3_FORCE_GATHER, read_jsonl, run_trainer
 
 
 def dpo_args(pretrain, out, *extra):
     return [
-        "--pretrain", str(pretrain),
-        "--dataset", "embedded:arith/prefs_train.jsonl",
-        "--eval_dataset", "embedded:arith/prefs_eval.jsonl",
-        "--max_len", "32", "--micro_train_batch_size", "8", "--train_batch_size", "32",
-        "--learning_rate", "1e-4", "--beta", "0.5", "--lr_warmup_ratio", "0",
-        "--save_path", str(out / "model"), "--ckpt_path", str(out / "ckpt"), *extra,
+        "--pretrain",
+        str(pretrain),
+        "--dataset",
+        "embedded:arith/prefs_train.jsonl",
+        "--eval_dataset",
+        "embedded:arith/prefs_eval.jsonl",
+        "--max_len",
+        "32",
+        "--micro_train_batch_size",
+        "8",
+        "--train_batch_size",
+        "32",
+        "--learning_rate",
+        "1e-4",
+        "--beta",
+        "0.5",
+        "--lr_warmup_ratio",
+        "0",
+        "--save_path",
+        str(out / "model"),
+        "--ckpt_path",
+        str(out / "ckpt"),
+        *extra,
     ]
 
 
@@ -29,7 +45,19 @@ def test_dpo_learns_the_addition_preferences(sft_tiny_model, tmp_path):
 
     Measured (2 ranks, fp32): eval_acc 0.77 at step 10 -> 0.87 at step 68; eval_margin 0.27 -> 0.72.
     """
-    run_trainer("rlhf.dpo", ["--config", "configs/dpo_tiny.yaml", "--pretrain", str(sft_tiny_model), "--save_path", str(tmp_path / "model"), "--ckpt_path", str(tmp_path / "ckpt")])
+    run_trainer(
+        "rlhf.dpo",
+        [
+            "--config",
+            "configs/dpo_tiny.yaml",
+            "--pretrain",
+            str(sft_tiny_model),
+            "--save_path",
+            str(tmp_path / "model"),
+            "--ckpt_path",
+            str(tmp_path / "ckpt"),
+        ],
+    )
     evals = [r for r in read_jsonl(tmp_path / "model" / "metrics.jsonl") if "eval_acc" in r]
     assert evals[-1]["eval_acc"] >= 0.82, [round(r["eval_acc"], 3) for r in evals]
     assert evals[-1]["eval_acc"] > evals[0]["eval_acc"] + 0.05
@@ -54,7 +82,9 @@ def test_dpo_precomputed_reference_matches_reference_engine(sft_tiny_model, tmp_
     curves, stdout = {}, {}
     for mode in ("engine", "precompute"):
         out = tmp_path / mode
-        proc = run_trainer("rlhf.dpo", dpo_args(sft_tiny_model, out, "--zero_stage", "0", "--max_steps", "3", "--max_samples", "160", "--ref_mode", mode))
+        proc = run_trainer(
+            "rlhf.dpo", dpo_args(sft_tiny_model, out, "--zero_stage", "0", "--max_steps", "3", "--max_samples", "160", "--ref_mode", mode)
+        )
         curves[mode], stdout[mode] = losses(out), proc.stdout
     assert "mode precompute" in stdout["precompute"]
     assert curves["precompute"] == pytest.approx(curves["engine"], abs=1e-5)
@@ -62,7 +92,23 @@ def test_dpo_precomputed_reference_matches_reference_engine(sft_tiny_model, tmp_
 
 def test_dpo_lora_uses_the_policy_without_adapter_as_reference(sft_tiny_model, tmp_path):
     """No second model: the trainer reports 0 parameters in a separate reference; the loss falls."""
-    proc = run_trainer("rlhf.dpo", dpo_args(sft_tiny_model, tmp_path, "--lora_rank", "8", "--lora_alpha", "16", "--learning_rate", "1e-3", "--max_steps", "8", "--max_samples", "256"))
+    proc = run_trainer(
+        "rlhf.dpo",
+        dpo_args(
+            sft_tiny_model,
+            tmp_path,
+            "--lora_rank",
+            "8",
+            "--lora_alpha",
+            "16",
+            "--learning_rate",
+            "1e-3",
+            "--max_steps",
+            "8",
+            "--max_samples",
+            "256",
+        ),
+    )
     assert "reference = the policy with its LoRA adapter disabled" in proc.stdout
     assert "separate reference parameters: 0" in proc.stdout
     curve = losses(tmp_path)
@@ -95,7 +141,21 @@ def test_dpo_packing_gives_the_unpacked_loss(sft_tiny_model, tmp_path):
     records = {}
     for name, extra in (("padded", []), ("packed", ["--packing_samples"])):
         out = tmp_path / name
-        args = dpo_args(sft_tiny_model, out, "--zero_stage", "0", "--max_steps", "1", "--max_samples", "16", "--train_batch_size", "16", "--nll_loss_coef", "0.5", *extra)
+        args = dpo_args(
+            sft_tiny_model,
+            out,
+            "--zero_stage",
+            "0",
+            "--max_steps",
+            "1",
+            "--max_samples",
+            "16",
+            "--train_batch_size",
+            "16",
+            "--nll_loss_coef",
+            "0.5",
+            *extra,
+        )
         run_trainer("rlhf.dpo", args)
         records[name] = read_jsonl(out / "model" / "metrics.jsonl")[-1]
     for key in ("loss", "chosen_logp", "rejected_logp", "eval_loss", "eval_margin"):
@@ -105,10 +165,20 @@ def test_dpo_packing_gives_the_unpacked_loss(sft_tiny_model, tmp_path):
 
 def test_dpo_resume_equals_uninterrupted(sft_tiny_model, tmp_path):
     straight = tmp_path / "straight"
-    run_trainer("rlhf.dpo", dpo_args(sft_tiny_model, straight, "--zero_stage", "2", "--max_steps", "4", "--save_steps", "2", "--max_samples", "256"))
+    run_trainer(
+        "rlhf.dpo", dpo_args(sft_tiny_model, straight, "--zero_stage", "2", "--max_steps", "4", "--save_steps", "2", "--max_samples", "256")
+    )
     ckpt = tmp_path / "ckpt"
     shutil.copytree(straight / "ckpt", ckpt)
     resumed = tmp_path / "resumed"
-    run_trainer("rlhf.dpo", [*dpo_args(sft_tiny_model, resumed, "--zero_stage", "2", "--max_steps", "4", "--max_samples", "256"), "--ckpt_path", str(ckpt), "--load_checkpoint"])
+    run_trainer(
+        "rlhf.dpo",
+        [
+            *dpo_args(sft_tiny_model, resumed, "--zero_stage", "2", "--max_steps", "4", "--max_samples", "256"),
+            "--ckpt_path",
+            str(ckpt),
+            "--load_checkpoint",
+        ],
+    )
     full, tail = losses(straight), losses(resumed)
     assert tail == pytest.approx(full[2:], abs=1e-6)

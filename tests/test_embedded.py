@@ -131,8 +131,7 @@ def test_chat_template_renders_chatml(tokenizer):
     )
     assert tokenizer.apply_chat_template(messages, tokenize=False) == expected
     assert tokenizer.apply_chat_template(messages[:3], tokenize=False, add_generation_prompt=True) == (
-        "<|im_start|>user\n12+7=<|im_end|>\n<|im_start|>assistant\n19<|im_end|>\n"
-        "<|im_start|>user\n3+4=<|im_end|>\n<|im_start|>assistant\n"
+        "<|im_start|>user\n12+7=<|im_end|>\n<|im_start|>assistant\n19<|im_end|>\n<|im_start|>user\n3+4=<|im_end|>\n<|im_start|>assistant\n"
     )
     assert "{% generation %}" not in tokenizer.chat_template
 
@@ -172,9 +171,7 @@ def train_pairs_by_file() -> dict[str, set[tuple[int, int]]]:
         "prefs_train.jsonl": {pair_of(r["prompt"]) for r in read_jsonl("prefs_train.jsonl")},
         "kto_train.jsonl": {pair_of(r["prompt"]) for r in read_jsonl("kto_train.jsonl")},
         "prompts_train.jsonl": {pair_of(r["input"]) for r in read_jsonl("prompts_train.jsonl")},
-        "chat_train.jsonl": {
-            pair_of(m["content"]) for r in read_jsonl("chat_train.jsonl") for m in r["messages"] if m["role"] == "user"
-        },
+        "chat_train.jsonl": {pair_of(m["content"]) for r in read_jsonl("chat_train.jsonl") for m in r["messages"] if m["role"] == "user"},
     }
     equations = [line for r in read_jsonl("pretrain.jsonl") for line in r["text"].splitlines()]
     out["pretrain.jsonl"] = {(int(m[1]), int(m[2])) for m in map(EQUATION.match, equations)}

@@ -6,16 +6,32 @@ import json
 import shutil
 
 import pytest
-
 from helpers import ZERO3_FORCE_GATHER, error_lines, read_jsonl, run_trainer
 
 
 def kto_args(pretrain, out, *extra):
     return [
-        "--pretrain", str(pretrain), "--eval_dataset", "embedded:arith/kto_eval.jsonl",
-        "--max_len", "32", "--micro_train_batch_size", "8", "--train_batch_size", "32",
-        "--learning_rate", "1e-4", "--beta", "0.5", "--lr_warmup_ratio", "0",
-        "--save_path", str(out / "model"), "--ckpt_path", str(out / "ckpt"), *extra,
+        "--pretrain",
+        str(pretrain),
+        "--eval_dataset",
+        "embedded:arith/kto_eval.jsonl",
+        "--max_len",
+        "32",
+        "--micro_train_batch_size",
+        "8",
+        "--train_batch_size",
+        "32",
+        "--learning_rate",
+        "1e-4",
+        "--beta",
+        "0.5",
+        "--lr_warmup_ratio",
+        "0",
+        "--save_path",
+        str(out / "model"),
+        "--ckpt_path",
+        str(out / "ckpt"),
+        *extra,
     ]
 
 
@@ -35,7 +51,19 @@ def test_kto_learns_the_addition_labels(sft_teacher_model, tmp_path):
     the pair accuracy only moved 0.763 -> 0.770.) Pair eval does not change training: same losses
     without it.
     """
-    run_trainer("rlhf.kto", ["--config", "configs/kto_tiny.yaml", "--pretrain", str(sft_teacher_model), "--save_path", str(tmp_path / "model"), "--ckpt_path", str(tmp_path / "ckpt")])
+    run_trainer(
+        "rlhf.kto",
+        [
+            "--config",
+            "configs/kto_tiny.yaml",
+            "--pretrain",
+            str(sft_teacher_model),
+            "--save_path",
+            str(tmp_path / "model"),
+            "--ckpt_path",
+            str(tmp_path / "ckpt"),
+        ],
+    )
     records = read_jsonl(tmp_path / "model" / "metrics.jsonl")
     evals = [r for r in records if "eval_reward_gap" in r]
     gaps = [round(r["eval_reward_gap"], 3) for r in evals]
@@ -54,11 +82,34 @@ def test_kto_learns_the_addition_labels(sft_teacher_model, tmp_path):
 
 def test_kto_runs_at_zero3(sft_tiny_model, tmp_path):
     args = [
-        "--pretrain", str(sft_tiny_model), "--eval_dataset", "embedded:arith/kto_eval.jsonl",
-        "--max_len", "32", "--micro_train_batch_size", "8", "--train_batch_size", "32", "--max_samples", "96",
-        "--learning_rate", "1e-4", "--beta", "0.5", "--lr_warmup_ratio", "0", "--max_steps", "2",
-        "--zero_stage", "3", "--ds_config", ZERO3_FORCE_GATHER,
-        "--save_path", str(tmp_path / "model"), "--ckpt_path", str(tmp_path / "ckpt"),
+        "--pretrain",
+        str(sft_tiny_model),
+        "--eval_dataset",
+        "embedded:arith/kto_eval.jsonl",
+        "--max_len",
+        "32",
+        "--micro_train_batch_size",
+        "8",
+        "--train_batch_size",
+        "32",
+        "--max_samples",
+        "96",
+        "--learning_rate",
+        "1e-4",
+        "--beta",
+        "0.5",
+        "--lr_warmup_ratio",
+        "0",
+        "--max_steps",
+        "2",
+        "--zero_stage",
+        "3",
+        "--ds_config",
+        ZERO3_FORCE_GATHER,
+        "--save_path",
+        str(tmp_path / "model"),
+        "--ckpt_path",
+        str(tmp_path / "ckpt"),
     ]
     run_trainer("rlhf.kto", args)
     records = [r for r in read_jsonl(tmp_path / "model" / "metrics.jsonl") if "loss" in r]
@@ -69,11 +120,21 @@ def test_kto_runs_at_zero3(sft_tiny_model, tmp_path):
 
 def test_kto_resume_equals_uninterrupted(sft_tiny_model, tmp_path):
     straight = tmp_path / "straight"
-    run_trainer("rlhf.kto", kto_args(sft_tiny_model, straight, "--zero_stage", "2", "--max_steps", "4", "--save_steps", "2", "--max_samples", "256"))
+    run_trainer(
+        "rlhf.kto", kto_args(sft_tiny_model, straight, "--zero_stage", "2", "--max_steps", "4", "--save_steps", "2", "--max_samples", "256")
+    )
     ckpt = tmp_path / "ckpt"
     shutil.copytree(straight / "ckpt", ckpt)
     resumed = tmp_path / "resumed"
-    run_trainer("rlhf.kto", [*kto_args(sft_tiny_model, resumed, "--zero_stage", "2", "--max_steps", "4", "--max_samples", "256"), "--ckpt_path", str(ckpt), "--load_checkpoint"])
+    run_trainer(
+        "rlhf.kto",
+        [
+            *kto_args(sft_tiny_model, resumed, "--zero_stage", "2", "--max_steps", "4", "--max_samples", "256"),
+            "--ckpt_path",
+            str(ckpt),
+            "--load_checkpoint",
+        ],
+    )
     full, tail = losses(straight), losses(resumed)
     assert len(full) == 4 and full[-1] != full[0]
     assert tail == pytest.approx(full[2:], abs=1e-6)
@@ -90,7 +151,23 @@ def test_kto_resume_equals_uninterrupted(sft_tiny_model, tmp_path):
 def test_kto_bad_input(tmp_path, row, expected):
     data = tmp_path / "bad.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in [row] + [{"prompt": "2+2=", "completion": "4", "label": True}] * 39))
-    proc = run_trainer("rlhf.kto", ["--dataset", str(data), "--max_len", "32", "--train_batch_size", "8", "--micro_train_batch_size", "8", "--save_path", str(tmp_path / "out")], nproc=0, check=False)
+    proc = run_trainer(
+        "rlhf.kto",
+        [
+            "--dataset",
+            str(data),
+            "--max_len",
+            "32",
+            "--train_batch_size",
+            "8",
+            "--micro_train_batch_size",
+            "8",
+            "--save_path",
+            str(tmp_path / "out"),
+        ],
+        nproc=0,
+        check=False,
+    )
     lines = error_lines(proc.stderr)
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-2000:]
     assert "bad.jsonl:1" in lines[0] and expected in lines[0], lines[0]

@@ -49,9 +49,28 @@ def _check(results: list[subprocess.CompletedProcess]) -> None:
 
 def _two_agents(module: str, args: list[str], port: int) -> list[list[str]]:
     return [
-        [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
-         "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}", "--rdzv_id", f"test-{port}",
-         "--rdzv_conf", f"join_timeout=120,is_host={int(node == 0)}", "--max_restarts", "0", "-m", module, *args]
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nnodes",
+            "2",
+            "--nproc_per_node",
+            "1",
+            "--rdzv_backend",
+            "c10d",
+            "--rdzv_endpoint",
+            f"127.0.0.1:{port}",
+            "--rdzv_id",
+            f"test-{port}",
+            "--rdzv_conf",
+            f"join_timeout=120,is_host={int(node == 0)}",
+            "--max_restarts",
+            "0",
+            "-m",
+            module,
+            *args,
+        ]
         for node in range(2)
     ]
 
@@ -82,8 +101,20 @@ def test_two_node_torchrun_sft_matches_one_node(tmp_path):
 @pytest.mark.slow
 def test_two_node_torchrun_ppo(sft_tiny_model, tmp_path):
     """GRPO on two torchrun agents (2 nodes x 1 rank) runs to completion and exports the policy."""
-    args = ["--config", "configs/grpo_tiny.yaml", "--pretrain", str(sft_tiny_model), "--max_steps", "2", "--eval_every", "1",
-            "--save_path", str(tmp_path / "model"), "--ckpt_path", str(tmp_path / "ckpt")]
+    args = [
+        "--config",
+        "configs/grpo_tiny.yaml",
+        "--pretrain",
+        str(sft_tiny_model),
+        "--max_steps",
+        "2",
+        "--eval_every",
+        "1",
+        "--save_path",
+        str(tmp_path / "model"),
+        "--ckpt_path",
+        str(tmp_path / "ckpt"),
+    ]
     _check(_run_nodes(_two_agents("rlhf.ppo", args, _free_port()), [{}, {}]))
     assert (tmp_path / "model" / "model.safetensors").exists()
 
@@ -94,8 +125,18 @@ def test_ngc_wrapper_two_replicas(tmp_path):
     from transformers import AutoModelForCausalLM
 
     port = str(_free_port())
-    cmd = ["bash", "launch/ngc.sh", "rlhf.sft", *SFT_TINY, "--max_steps", "2",
-           "--save_path", str(tmp_path / "model"), "--ckpt_path", str(tmp_path / "ckpt")]
+    cmd = [
+        "bash",
+        "launch/ngc.sh",
+        "rlhf.sft",
+        *SFT_TINY,
+        "--max_steps",
+        "2",
+        "--save_path",
+        str(tmp_path / "model"),
+        "--ckpt_path",
+        str(tmp_path / "ckpt"),
+    ]
     base = {"NGC_ARRAY_SIZE": "2", "NGC_MASTER_ADDR": "127.0.0.1", "NGC_GPUS_PER_NODE": "1", "MASTER_PORT": port, "NGC_JOB_ID": port}
     results = _run_nodes([cmd, cmd], [{**base, "NGC_ARRAY_INDEX": "0"}, {**base, "NGC_ARRAY_INDEX": "1"}])
     _check(results)
@@ -110,15 +151,24 @@ def test_ngc_wrapper_command_and_errors():
         clean = {k: v for k, v in os.environ.items() if not k.startswith("NGC_") and k not in ("GPUS_PER_NODE", "MASTER_PORT")}
         return subprocess.run(["bash", "launch/ngc.sh", *args], cwd=REPO, env={**clean, **env}, capture_output=True, text=True, timeout=60)
 
-    dry = ngc({"NGC_ARRAY_INDEX": "3", "NGC_ARRAY_SIZE": "4", "NGC_MASTER_ADDR": "node0", "NGC_GPUS_PER_NODE": "8"},
-              "--dry_run", "rlhf.ppo", "--pretrain", "m")
+    dry = ngc(
+        {"NGC_ARRAY_INDEX": "3", "NGC_ARRAY_SIZE": "4", "NGC_MASTER_ADDR": "node0", "NGC_GPUS_PER_NODE": "8"},
+        "--dry_run",
+        "rlhf.ppo",
+        "--pretrain",
+        "m",
+    )
     assert dry.returncode == 0, dry.stderr
     assert "--nnodes 4 --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint node0:29500" in dry.stdout
     assert "is_host=0" in dry.stdout and dry.stdout.rstrip().endswith("-m rlhf.ppo --pretrain m")
 
     cases = [
         ({"NGC_ARRAY_INDEX": "1", "NGC_ARRAY_SIZE": "2"}, ("rlhf.sft",), "NGC_MASTER_ADDR is not set"),
-        ({"NGC_ARRAY_INDEX": "2", "NGC_ARRAY_SIZE": "2", "NGC_MASTER_ADDR": "h"}, ("rlhf.sft",), "NGC_ARRAY_INDEX=2 is not below NGC_ARRAY_SIZE=2"),
+        (
+            {"NGC_ARRAY_INDEX": "2", "NGC_ARRAY_SIZE": "2", "NGC_MASTER_ADDR": "h"},
+            ("rlhf.sft",),
+            "NGC_ARRAY_INDEX=2 is not below NGC_ARRAY_SIZE=2",
+        ),
         ({"NGC_ARRAY_SIZE": "two"}, ("rlhf.sft",), "NGC_ARRAY_SIZE='two' is not a positive integer"),
         ({"GPUS_PER_NODE": "0"}, ("rlhf.sft",), "GPUs per node '0' is not a positive integer"),
         ({}, (), "no trainer"),
@@ -132,8 +182,26 @@ def test_ngc_wrapper_command_and_errors():
 
 def test_submit_local_executor(tmp_path):
     """python -m launch.submit --cluster local: submitit's local executor, 2 tasks, no SLURM."""
-    cmd = [sys.executable, "-m", "launch.submit", "--cluster", "local", "--tasks_per_node", "2", "--folder", str(tmp_path / "submitit" / "%j"),
-           "--", "rlhf.sft", *SFT_TINY, "--max_steps", "2", "--save_path", str(tmp_path / "model"), "--ckpt_path", str(tmp_path / "ckpt")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "launch.submit",
+        "--cluster",
+        "local",
+        "--tasks_per_node",
+        "2",
+        "--folder",
+        str(tmp_path / "submitit" / "%j"),
+        "--",
+        "rlhf.sft",
+        *SFT_TINY,
+        "--max_steps",
+        "2",
+        "--save_path",
+        str(tmp_path / "model"),
+        "--ckpt_path",
+        str(tmp_path / "ckpt"),
+    ]
     proc = subprocess.run(cmd, cwd=REPO, env=trainer_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-5000:]
     assert "finished: 2 task(s)" in proc.stdout
@@ -158,7 +226,9 @@ def test_missing_rank_times_out_with_a_clear_error(tmp_path):
     --ntasks) fails after RLHF_RDZV_TIMEOUT with one line naming the rendezvous, not a hang."""
     env = {"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "RLHF_RDZV_TIMEOUT": "3"}
     start = time.monotonic()
-    proc = run_trainer("rlhf.sft", [*SFT_TINY, "--max_steps", "1", "--save_path", str(tmp_path / "m")], nproc=0, env=env, check=False, timeout=120)
+    proc = run_trainer(
+        "rlhf.sft", [*SFT_TINY, "--max_steps", "1", "--save_path", str(tmp_path / "m")], nproc=0, env=env, check=False, timeout=120
+    )
     assert proc.returncode == 2, proc.stderr[-3000:]
     lines = error_lines(proc.stderr)
     assert len(lines) == 1 and "rendezvous at 127.0.0.1:" in lines[0] and "1/2" in lines[0], proc.stderr[-3000:]
@@ -171,7 +241,9 @@ def test_missing_master_address_is_a_clear_error(tmp_path):
         ({"RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "no-such-host.invalid", "MASTER_PORT": "29999"}, "does not resolve"),
         ({"NGC_ARRAY_INDEX": "1", "NGC_ARRAY_SIZE": "2"}, "NGC_MASTER_ADDR is missing"),
     ]:
-        proc = run_trainer("rlhf.sft", [*SFT_TINY, "--max_steps", "1", "--save_path", str(tmp_path / "m")], nproc=0, env=env, check=False, timeout=120)
+        proc = run_trainer(
+            "rlhf.sft", [*SFT_TINY, "--max_steps", "1", "--save_path", str(tmp_path / "m")], nproc=0, env=env, check=False, timeout=120
+        )
         assert proc.returncode == 2, (env, proc.stderr[-3000:])
         lines = error_lines(proc.stderr)
         assert len(lines) == 1 and message in lines[0], (env, proc.stderr[-3000:])
@@ -191,8 +263,21 @@ def test_two_node_rendezvous_never_complete_fails_in_bounded_time(tmp_path):
 def test_two_nodes_world_not_matching_the_placement(tmp_path):
     """PPO's split placement asks for 3 ranks but the two nodes give 2: each node stops with the
     placement's one-line error (no hang, no traceback)."""
-    args = ["--config", "configs/grpo_tiny.yaml", "--pretrain", "embedded:tiny-qwen2", "--actor_num_gpus_per_node", "3",
-            "--colocate_actor_ref", "--max_steps", "1", "--save_path", str(tmp_path / "m"), "--ckpt_path", str(tmp_path / "ck")]
+    args = [
+        "--config",
+        "configs/grpo_tiny.yaml",
+        "--pretrain",
+        "embedded:tiny-qwen2",
+        "--actor_num_gpus_per_node",
+        "3",
+        "--colocate_actor_ref",
+        "--max_steps",
+        "1",
+        "--save_path",
+        str(tmp_path / "m"),
+        "--ckpt_path",
+        str(tmp_path / "ck"),
+    ]
     results = _run_nodes(_two_agents("rlhf.ppo", args, _free_port()), [{}, {}], timeout=200)
     for r in results:
         assert r.returncode != 0

@@ -129,24 +129,60 @@ def test_sbatch_sft_one_task_per_rank_matches_torchrun(slurm_cluster, tmp_path):
 @pytest.mark.slow
 def test_sbatch_ppo(slurm_cluster, sft_tiny_model, tmp_path):
     """slurm/ppo.sbatch runs GRPO (2 ranks) from the SFT'd tiny model to completion."""
-    args = ["--config", "configs/grpo_tiny.yaml", "--pretrain", str(sft_tiny_model), "--max_steps", "2", "--eval_every", "2",
-            "--save_path", str(tmp_path / "model"), "--ckpt_path", str(tmp_path / "ckpt")]
+    args = [
+        "--config",
+        "configs/grpo_tiny.yaml",
+        "--pretrain",
+        str(sft_tiny_model),
+        "--max_steps",
+        "2",
+        "--eval_every",
+        "2",
+        "--save_path",
+        str(tmp_path / "model"),
+        "--ckpt_path",
+        str(tmp_path / "ckpt"),
+    ]
     _sbatch_wait(slurm_cluster, ["slurm/ppo.sbatch", *args], {"NPROC_PER_NODE": "2"}, tmp_path / "job.out")
     assert (tmp_path / "model" / "model.safetensors").exists()
 
 
 def test_template_outside_a_job_is_a_clear_error():
-    proc = subprocess.run(["bash", "slurm/sft.sbatch"], cwd=REPO, env={k: v for k, v in os.environ.items() if not k.startswith("SLURM_")},
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        ["bash", "slurm/sft.sbatch"],
+        cwd=REPO,
+        env={k: v for k, v in os.environ.items() if not k.startswith("SLURM_")},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 2
     assert proc.stderr.strip() == "error: slurm/launch_trainer.sh runs inside a SLURM job: submit with sbatch slurm/<trainer>.sbatch"
 
 
-def _submit(cluster: dict, folder: Path, trainer: list[str], *, wait: bool = True, timeout: float = 600, extra: list[str] = ()) -> subprocess.CompletedProcess:
+def _submit(
+    cluster: dict, folder: Path, trainer: list[str], *, wait: bool = True, timeout: float = 600, extra: list[str] = ()
+) -> subprocess.CompletedProcess:
     cmd = [
-        sys.executable, "-m", "launch.submit", "--cluster", "slurm", "--nodes", "1", "--gpus_per_node", "0",
-        "--tasks_per_node", "2", "--time", "60", "--folder", str(folder / "%j"), *extra,
-        *([] if wait else ["--no_wait"]), "--", *trainer,
+        sys.executable,
+        "-m",
+        "launch.submit",
+        "--cluster",
+        "slurm",
+        "--nodes",
+        "1",
+        "--gpus_per_node",
+        "0",
+        "--tasks_per_node",
+        "2",
+        "--time",
+        "60",
+        "--folder",
+        str(folder / "%j"),
+        *extra,
+        *([] if wait else ["--no_wait"]),
+        "--",
+        *trainer,
     ]
     proc = subprocess.run(cmd, cwd=REPO, env=trainer_env(cluster), capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
@@ -169,8 +205,21 @@ def test_submit_ppo_on_slurm(slurm_cluster, sft_tiny_model, tmp_path):
     proc = _submit(
         slurm_cluster,
         tmp_path / "submitit",
-        ["rlhf.ppo", "--config", "configs/grpo_tiny.yaml", "--pretrain", str(sft_tiny_model), "--max_steps", "2",
-         "--eval_every", "2", "--save_path", str(out / "model"), "--ckpt_path", str(out / "ckpt")],
+        [
+            "rlhf.ppo",
+            "--config",
+            "configs/grpo_tiny.yaml",
+            "--pretrain",
+            str(sft_tiny_model),
+            "--max_steps",
+            "2",
+            "--eval_every",
+            "2",
+            "--save_path",
+            str(out / "model"),
+            "--ckpt_path",
+            str(out / "ckpt"),
+        ],
     )
     assert "finished: 2 task(s)" in proc.stdout
     assert (out / "model" / "model.safetensors").exists()
@@ -194,7 +243,8 @@ def test_submit_preempted_job_requeues_and_resumes_exactly(slurm_cluster, tmp_pa
     args = [*SFT_TINY, "--max_steps", steps, "--save_steps", save_every]
     folder = tmp_path / "submitit"
     proc = _submit(
-        slurm_cluster, folder,
+        slurm_cluster,
+        folder,
         ["rlhf.sft", *args, "--save_path", str(tmp_path / "preempted"), "--ckpt_path", str(tmp_path / "ckpt")],
         wait=False,
     )
@@ -246,13 +296,29 @@ def test_submit_reports_a_failing_trainer_and_a_killed_job(slurm_cluster, tmp_pa
     cmd = [sys.executable, "-m", "launch.submit", "--cluster", "slurm", "--gpus_per_node", "0", "--tasks_per_node", "2", "--time", "60"]
     bad = subprocess.run(
         [*cmd, "--folder", str(tmp_path / "bad" / "%j"), "--", "rlhf.sft", *SFT_TINY, "--max_steps", "0"],
-        cwd=REPO, env=trainer_env(slurm_cluster), capture_output=True, text=True, timeout=300,
+        cwd=REPO,
+        env=trainer_env(slurm_cluster),
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert bad.returncode != 0
     assert "--max_steps must be >= 1, got 0" in bad.stderr, bad.stderr[-3000:]
 
-    long_run = [*cmd, "--folder", str(tmp_path / "killed" / "%j"), "--", "rlhf.sft", *SFT_TINY, "--max_steps", "100000",
-                "--save_path", str(tmp_path / "m"), "--ckpt_path", str(tmp_path / "ck")]
+    long_run = [
+        *cmd,
+        "--folder",
+        str(tmp_path / "killed" / "%j"),
+        "--",
+        "rlhf.sft",
+        *SFT_TINY,
+        "--max_steps",
+        "100000",
+        "--save_path",
+        str(tmp_path / "m"),
+        "--ckpt_path",
+        str(tmp_path / "ck"),
+    ]
     proc = subprocess.Popen(long_run, cwd=REPO, env=trainer_env(slurm_cluster), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         job = _job_id(proc.stdout.readline())  # "launch.submit: submitted job N ..." comes first

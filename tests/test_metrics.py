@@ -14,7 +14,11 @@ from rlhf.config import LoggingConfig
 from rlhf.errors import UserError
 from rlhf.metrics import MetricsLogger, metric_series, plot_metrics, read_metrics
 
-STEPS = {1: {"loss": 2.5, "lr": 1e-5, "tokens_per_s": 1234.0}, 2: {"loss": 1.75, "lr": 2e-5, "tokens_per_s": 1500.0}, 3: {"loss": 1.0, "lr": 3e-5, "eval_loss": 1.25}}
+STEPS = {
+    1: {"loss": 2.5, "lr": 1e-5, "tokens_per_s": 1234.0},
+    2: {"loss": 1.75, "lr": 2e-5, "tokens_per_s": 1500.0},
+    3: {"loss": 1.0, "lr": 3e-5, "eval_loss": 1.25},
+}
 
 
 def log_steps(logger: MetricsLogger) -> None:
@@ -197,7 +201,10 @@ def test_progress_bar_shows_what_the_trainer_logs():
 
     ppo = {"reward": 0.5, "kl": 0.0123, "response_length": 7.25, "policy_loss": -0.1, "lr": 1e-5}
     assert bar_text(ppo, DEFAULT_BAR_KEYS) == "reward=0.5 kl=0.0123 len=7.2 lr=1.00e-05"
-    assert bar_text({"loss": 1.23456, "lr": 2e-4, "tokens_per_s": 1530.0, "grad_norm": 3.0}, DEFAULT_BAR_KEYS) == "loss=1.235 lr=2.00e-04 tok/s=1.5k"
+    assert (
+        bar_text({"loss": 1.23456, "lr": 2e-4, "tokens_per_s": 1530.0, "grad_norm": 3.0}, DEFAULT_BAR_KEYS)
+        == "loss=1.235 lr=2.00e-04 tok/s=1.5k"
+    )
     assert bar_text(ppo, ["policy_loss", "kl"]) == "policy_loss=-0.1 kl=0.0123"
     assert bar_text({"reward": float("nan"), "kl": True}, DEFAULT_BAR_KEYS) == ""  # no NaN or bool on the bar
 

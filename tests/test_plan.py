@@ -25,7 +25,19 @@ sys.path.insert(0, str(REPO))
 from rlhf.config import PlacementConfig, PPOConfig, flag_names, parse_config  # noqa: E402
 from rlhf.errors import UserError  # noqa: E402
 from rlhf.plan import (  # noqa: E402
-    GiB, MODELS, TRAINERS, ModelShape, PlanConfig, PlanOptions, frozen_states_bytes, kv_cache_bytes, load_shape, loads_reference, model_states_bytes, parse_plan, plan, render, suggest,
+    MODELS,
+    TRAINERS,
+    PlanConfig,
+    PlanOptions,
+    frozen_states_bytes,
+    kv_cache_bytes,
+    load_shape,
+    loads_reference,
+    model_states_bytes,
+    parse_plan,
+    plan,
+    render,
+    suggest,
 )
 
 # ----------------------------------------------------------------------------------------------
@@ -56,7 +68,9 @@ def test_zero2_and_zero3_gpu_terms_match_deepspeed(size):
             ours = model_states_bytes(P, L, zero_stage=2, dp=dp, num_nodes=nodes, offload_optimizer=offload)
             assert ours.gpu == pytest.approx(ds_gpu, rel=REL_TOL), (size, gpus, nodes, offload)
         for offload, offload_params in ((False, False), (True, False), (True, True)):
-            ds_cpu, ds_gpu, _ = zero3(P, L, num_gpus_per_node=gpus, num_nodes=nodes, cpu_offload=offload, cpu_offload_params=offload_params, zero_init=True)
+            ds_cpu, ds_gpu, _ = zero3(
+                P, L, num_gpus_per_node=gpus, num_nodes=nodes, cpu_offload=offload, cpu_offload_params=offload_params, zero_init=True
+            )
             ours = model_states_bytes(P, L, zero_stage=3, dp=dp, num_nodes=nodes, offload_optimizer=offload, offload_params=offload_params)
             # One known difference: without offload, DeepSpeed's stage-3 figure is 4 x largest
             # layer + 18 x P / GPUs, where 18 = 2 (16-bit grads) + 4 (fp32 grads) + 4 (fp32
@@ -103,9 +117,17 @@ def test_terms_by_hand():
 # b. The planner's total against a measured CPU training step
 
 FIFTY_M = {  # a Qwen2-style config of about 50M parameters (32k vocabulary, tied embeddings)
-    "model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"], "hidden_size": 512, "intermediate_size": 1408,
-    "num_hidden_layers": 12, "num_attention_heads": 8, "num_key_value_heads": 2, "vocab_size": 32000,
-    "tie_word_embeddings": True, "max_position_embeddings": 4096, "rms_norm_eps": 1e-6,
+    "model_type": "qwen2",
+    "architectures": ["Qwen2ForCausalLM"],
+    "hidden_size": 512,
+    "intermediate_size": 1408,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 2,
+    "vocab_size": 32000,
+    "tie_word_embeddings": True,
+    "max_position_embeddings": 4096,
+    "rms_norm_eps": 1e-6,
 }
 PEAK_TOLERANCE = 0.15
 
@@ -131,7 +153,11 @@ def test_total_matches_measured_peak_on_cpu(tmp_path):
     procs = {
         name: subprocess.Popen(
             [sys.executable, __file__, "measure", str(path), str(b), str(s), str(int(ckpt))],
-            cwd=REPO, env=_child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            cwd=REPO,
+            env=_child_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
         )
         for name, (path, b, s, ckpt) in runs.items()
     }
@@ -142,7 +168,19 @@ def test_total_matches_measured_peak_on_cpu(tmp_path):
         measured = json.loads(out.strip().splitlines()[-1])
         path, b, s, ckpt = runs[name]
         assert measured["params"] == load_shape(str(path)).params
-        p = plan(PlanConfig(model=str(path), trainer="sft", device="cpu", num_gpus_per_node=1, zero_stage=2, micro_train_batch_size=b, max_len=s, gradient_checkpointing=ckpt, gpu_memory_gb=24))
+        p = plan(
+            PlanConfig(
+                model=str(path),
+                trainer="sft",
+                device="cpu",
+                num_gpus_per_node=1,
+                zero_stage=2,
+                micro_train_batch_size=b,
+                max_len=s,
+                gradient_checkpointing=ckpt,
+                gpu_memory_gb=24,
+            )
+        )
         planned = p.groups[0].peak
         ratio = planned / measured["peak"]
         lines.append(f"{name}: planned {planned / 2**20:.0f} MiB, measured {measured['peak'] / 2**20:.0f} MiB, ratio {ratio:.3f}")
@@ -184,7 +222,9 @@ def measure(config_dir: str, batch: int, seq: int, ckpt: bool) -> dict:
     if ckpt:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})  # as rlhf.models.loading does
     params = sum(p.numel() for p in model.parameters())
-    engine = TrainEngine(model, TrainConfig(zero_stage=2, micro_train_batch_size=batch, train_batch_size=batch), bf16=False, total_steps=2, dp_size=1)
+    engine = TrainEngine(
+        model, TrainConfig(zero_stage=2, micro_train_batch_size=batch, train_batch_size=batch), bf16=False, total_steps=2, dp_size=1
+    )
     engine.train()
     for _ in range(2):
         out = engine(input_ids=ids, attention_mask=mask, use_cache=False)
@@ -204,8 +244,23 @@ def test_70b_full_ppo_fits_on_16_a100_80g():
     # batches 1 / 2, 1024 + 1024 tokens) on 2 nodes x 8 A100-80G, every role colocated.
     # The flags are rlhf.ppo's: bf16 needs --bf16, vLLM needs --rollout_backend vllm, and the reward
     # role exists because --reward_pretrain names a reward model (here: one of the policy's size).
-    cfg = PlanConfig(model="70B", trainer="ppo", gpu="A100-80G", num_gpus_per_node=8, num_nodes=2, bf16=True, reward_pretrain="70B", zero_stage=3, adam_offload=True,
-                     gradient_checkpointing=True, rollout_backend="vllm", vllm_num_engines=4, vllm_tensor_parallel_size=4, micro_train_batch_size=1, micro_rollout_batch_size=2)
+    cfg = PlanConfig(
+        model="70B",
+        trainer="ppo",
+        gpu="A100-80G",
+        num_gpus_per_node=8,
+        num_nodes=2,
+        bf16=True,
+        reward_pretrain="70B",
+        zero_stage=3,
+        adam_offload=True,
+        gradient_checkpointing=True,
+        rollout_backend="vllm",
+        vllm_num_engines=4,
+        vllm_tensor_parallel_size=4,
+        micro_train_batch_size=1,
+        micro_rollout_batch_size=2,
+    )
     p = plan(cfg)
     assert {m.role for m in p.roles} == {"actor", "critic", "reward", "reference", "rollout"}
     if not p.fits:
@@ -214,24 +269,69 @@ def test_70b_full_ppo_fits_on_16_a100_80g():
         p, flags = found
         assert p.fits and len(flags) <= 3, flags
     # And from a plain start the search reaches a fitting configuration on the same 16 GPUs.
-    found = suggest(PlanConfig(model="70B", trainer="ppo", num_nodes=2, bf16=True, reward_pretrain="70B", rollout_backend="vllm", micro_train_batch_size=1, micro_rollout_batch_size=2))
+    found = suggest(
+        PlanConfig(
+            model="70B",
+            trainer="ppo",
+            num_nodes=2,
+            bf16=True,
+            reward_pretrain="70B",
+            rollout_backend="vllm",
+            micro_train_batch_size=1,
+            micro_rollout_batch_size=2,
+        )
+    )
     assert found is not None and found[0].fits and found[0].cfg.world == 16
 
 
 def test_7b_full_ppo_fits_on_4_rtx4090():
-    cfg = PlanConfig(model="7B", trainer="ppo", gpu="RTX4090", num_gpus_per_node=4, bf16=True, reward_pretrain="7B", zero_stage=3, adam_offload=True, gradient_checkpointing=True,
-                     placement=PlacementConfig(ref_reward_offload=True), rollout_backend="vllm", vllm_tensor_parallel_size=4, vllm_gpu_memory_utilization=0.4,
-                     micro_train_batch_size=1, micro_rollout_batch_size=4)
+    cfg = PlanConfig(
+        model="7B",
+        trainer="ppo",
+        gpu="RTX4090",
+        num_gpus_per_node=4,
+        bf16=True,
+        reward_pretrain="7B",
+        zero_stage=3,
+        adam_offload=True,
+        gradient_checkpointing=True,
+        placement=PlacementConfig(ref_reward_offload=True),
+        rollout_backend="vllm",
+        vllm_tensor_parallel_size=4,
+        vllm_gpu_memory_utilization=0.4,
+        micro_train_batch_size=1,
+        micro_rollout_batch_size=4,
+    )
     p = plan(cfg)
     assert p.fits, p.groups
-    plain = PlanConfig(model="7B", trainer="ppo", gpu="RTX4090", num_gpus_per_node=4, bf16=True, reward_pretrain="7B", rollout_backend="vllm", micro_train_batch_size=1, micro_rollout_batch_size=4)
+    plain = PlanConfig(
+        model="7B",
+        trainer="ppo",
+        gpu="RTX4090",
+        num_gpus_per_node=4,
+        bf16=True,
+        reward_pretrain="7B",
+        rollout_backend="vllm",
+        micro_train_batch_size=1,
+        micro_rollout_batch_size=4,
+    )
     assert not plan(plain).fits
     found = suggest(plain)  # the search finds its own way: ZeRO-3, offloads, vLLM TP 2 with sleep
     assert found is not None and found[0].fits and "--adam_offload" in found[1]
 
 
 def test_34b_dpo_full_tuning_fits_on_8_a100_80g():
-    cfg = PlanConfig(model="34B", trainer="dpo", gpu="A100-80G", num_gpus_per_node=8, zero_stage=3, adam_offload=True, gradient_checkpointing=True, micro_train_batch_size=1, max_len=4096)
+    cfg = PlanConfig(
+        model="34B",
+        trainer="dpo",
+        gpu="A100-80G",
+        num_gpus_per_node=8,
+        zero_stage=3,
+        adam_offload=True,
+        gradient_checkpointing=True,
+        micro_train_batch_size=1,
+        max_len=4096,
+    )
     p = plan(cfg)
     assert p.fits and [m.role for m in p.roles] == ["policy", "reference"]
     found = suggest(replace(cfg, zero_stage=2, adam_offload=False, gradient_checkpointing=False))
@@ -239,7 +339,19 @@ def test_34b_dpo_full_tuning_fits_on_8_a100_80g():
 
 
 def test_70b_ppo_on_8_a100_40g_does_not_fit():
-    cfg = PlanConfig(model="70B", trainer="ppo", gpu="A100-40G", num_gpus_per_node=8, bf16=True, reward_pretrain="70B", zero_stage=3, rollout_backend="vllm", vllm_tensor_parallel_size=8, micro_train_batch_size=1, micro_rollout_batch_size=1)
+    cfg = PlanConfig(
+        model="70B",
+        trainer="ppo",
+        gpu="A100-40G",
+        num_gpus_per_node=8,
+        bf16=True,
+        reward_pretrain="70B",
+        zero_stage=3,
+        rollout_backend="vllm",
+        vllm_tensor_parallel_size=8,
+        micro_train_batch_size=1,
+        micro_rollout_batch_size=1,
+    )
     assert not plan(cfg).fits
     # Adam offload and the rest bring it under: but 70B x 2 bytes = 128 GiB of reference,
     # reward, actor and critic weights each over 8 x 40 GiB, plus vLLM's copy, never fits.
@@ -257,13 +369,35 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
 def test_cli_help_and_output():
     helped = _cli("--help")
     assert helped.returncode == 0 and "--vllm_tensor_parallel_size" in helped.stdout and "--zero_stage" in helped.stdout
-    run = _cli("--model", "70B", "--gpu", "A100-40G", "--trainer", "ppo", "--bf16", "--reward_pretrain", "70B", "--zero_stage", "3", "--rollout_backend", "vllm", "--vllm_tensor_parallel_size", "8", "--micro_train_batch_size", "1", "--micro_rollout_batch_size", "1")
+    run = _cli(
+        "--model",
+        "70B",
+        "--gpu",
+        "A100-40G",
+        "--trainer",
+        "ppo",
+        "--bf16",
+        "--reward_pretrain",
+        "70B",
+        "--zero_stage",
+        "3",
+        "--rollout_backend",
+        "vllm",
+        "--vllm_tensor_parallel_size",
+        "8",
+        "--micro_train_batch_size",
+        "1",
+        "--micro_rollout_batch_size",
+        "1",
+    )
     assert run.returncode == 0 and "verdict: does not fit" in run.stdout and "no configuration in the search space fits" in run.stdout
     run = _cli("--model", "34B", "--trainer", "dpo", "--micro_train_batch_size", "1", "--max_len", "4096")
     assert run.returncode == 0 and "suggested: add --zero_stage 3" in run.stdout and run.stdout.rstrip().endswith("verdict: fits")
 
 
-@pytest.mark.parametrize("args, flag", [(["--gpu", "A100-90G"], "--gpu"), (["--model", "nope"], "--model"), (["--trainer", "rlhf"], "trainer")])
+@pytest.mark.parametrize(
+    "args, flag", [(["--gpu", "A100-90G"], "--gpu"), (["--model", "nope"], "--model"), (["--trainer", "rlhf"], "trainer")]
+)
 def test_cli_bad_input_is_one_error_line(args, flag):
     run = _cli(*args)
     errors = [line for line in run.stderr.splitlines() if line.strip()]
@@ -313,8 +447,18 @@ def test_ppo_reward_role_only_with_reward_pretrain():
         dict(reward_pretrain="7B", lora_rank=16),
         dict(reward_func=REWARD_FUNC, advantage_estimator="group_norm", n_samples_per_prompt=4),
         dict(reward_pretrain="7B", advantage_estimator="rloo", n_samples_per_prompt=2, lora_rank=8),
-        dict(reward_pretrain="7B", placement=PlacementConfig(actor_num_gpus_per_node=4, critic_num_gpus_per_node=2, reward_num_gpus_per_node=1, ref_num_gpus_per_node=1)),
-        dict(reward_func=REWARD_FUNC, advantage_estimator="group_norm", n_samples_per_prompt=2, placement=PlacementConfig(actor_num_gpus_per_node=4, ref_num_gpus_per_node=2, rollout_num_gpus_per_node=2)),
+        dict(
+            reward_pretrain="7B",
+            placement=PlacementConfig(
+                actor_num_gpus_per_node=4, critic_num_gpus_per_node=2, reward_num_gpus_per_node=1, ref_num_gpus_per_node=1
+            ),
+        ),
+        dict(
+            reward_func=REWARD_FUNC,
+            advantage_estimator="group_norm",
+            n_samples_per_prompt=2,
+            placement=PlacementConfig(actor_num_gpus_per_node=4, ref_num_gpus_per_node=2, rollout_num_gpus_per_node=2),
+        ),
     ],
 )
 def test_ppo_roles_are_ppo_config_roles(flags):
@@ -344,9 +488,16 @@ def test_dpo_kto_reference_as_the_trainer_loads_it(trainer):
 
     assert reference(lora_rank=8) is None
     assert _rows(PlanConfig(model="7B", trainer=trainer, lora_rank=8)) == ["policy"]
-    for flags, size in ((dict(lora_rank=8, ref_pretrain="7B"), "7B"), (dict(lora_rank=8, ref_pretrain="13B"), "13B"), ({}, "7B"), (dict(ref_pretrain="13B"), "13B")):
+    for flags, size in (
+        (dict(lora_rank=8, ref_pretrain="7B"), "7B"),
+        (dict(lora_rank=8, ref_pretrain="13B"), "13B"),
+        ({}, "7B"),
+        (dict(ref_pretrain="13B"), "13B"),
+    ):
         ref = reference(**flags)
-        assert ref is not None and ref.states.weights == MODELS[size].params * 2, flags  # a full copy per GPU (ZeRO-2 policy: ZeRO-0 reference)
+        assert ref is not None and ref.states.weights == MODELS[size].params * 2, (
+            flags
+        )  # a full copy per GPU (ZeRO-2 policy: ZeRO-0 reference)
     offloaded = reference(lora_rank=8, ref_pretrain="7B", ref_offload=True)  # --ref_offload: the weights wait in CPU memory
     assert offloaded.states.weights == MODELS["7B"].largest_layer_params * 2 and offloaded.states.cpu == MODELS["7B"].params * 2
     # The trainer refuses --ref_offload where there is no separate reference; so does the planner.
@@ -375,7 +526,13 @@ def test_a_real_ppo_command_plans_as_rlhf_ppo_reads_it():
     assert "--reward_pretrain" in flags and "--bf16" in flags
     cfg = parse_plan(["--trainer", "ppo", "--model", "8B", "--gpu", "H100-80G", "--num_gpus_per_node", "8", *flags])
     assert cfg.job == parse_config(PPOConfig, flags)  # every trainer flag read as rlhf.ppo reads it
-    assert (cfg.zero_stage, cfg.dtype_bytes, cfg.micro_train_batch_size, cfg.micro_rollout_batch_size, cfg.gradient_checkpointing) == (3, 2, 4, 16, True)
+    assert (cfg.zero_stage, cfg.dtype_bytes, cfg.micro_train_batch_size, cfg.micro_rollout_batch_size, cfg.gradient_checkpointing) == (
+        3,
+        2,
+        4,
+        16,
+        True,
+    )
     p = plan(cfg)
     assert [m.role for m in p.roles] == ["actor", "critic", "reward", "reference", "rollout"]
     # The reward model is a hub id the planner cannot read here: planned with the policy's shape, and said so.
@@ -386,12 +543,36 @@ def test_a_real_ppo_command_plans_as_rlhf_ppo_reads_it():
     assert render(p).splitlines()[2:8] == run.stdout.splitlines()[2:8]
 
 
-@pytest.mark.parametrize("trainer, preset", [("ppo", "grpo_tiny"), ("grpo", "grpo_tiny"), ("dpo", "dpo_tiny"), ("kto", "kto_tiny"), ("rm", "rm_tiny"), ("sft", "sft_tiny")])
+@pytest.mark.parametrize(
+    "trainer, preset",
+    [("ppo", "grpo_tiny"), ("grpo", "grpo_tiny"), ("dpo", "dpo_tiny"), ("kto", "kto_tiny"), ("rm", "rm_tiny"), ("sft", "sft_tiny")],
+)
 def test_a_trainer_preset_plans_as_the_trainer_reads_it(trainer, preset):
     args = ["--config", str(REPO / "configs" / f"{preset}.yaml")]
-    cfg = parse_plan(["--trainer", trainer, "--model", "embedded:tiny-qwen2", "--device", "cpu", "--num_gpus_per_node", "2", "--gpu_memory_gb", "8", *args])
+    cfg = parse_plan(
+        [
+            "--trainer",
+            trainer,
+            "--model",
+            "embedded:tiny-qwen2",
+            "--device",
+            "cpu",
+            "--num_gpus_per_node",
+            "2",
+            "--gpu_memory_gb",
+            "8",
+            *args,
+        ]
+    )
     assert cfg.job == parse_config(TRAINERS[trainer], args)
-    expected = {"ppo": ["actor", "reference", "rollout"], "grpo": ["actor", "reference", "rollout"], "dpo": ["policy", "reference"], "kto": ["policy", "reference"], "rm": ["actor"], "sft": ["actor"]}
+    expected = {
+        "ppo": ["actor", "reference", "rollout"],
+        "grpo": ["actor", "reference", "rollout"],
+        "dpo": ["policy", "reference"],
+        "kto": ["policy", "reference"],
+        "rm": ["actor"],
+        "sft": ["actor"],
+    }
     assert _rows(cfg) == expected[trainer]  # grpo_tiny: --reward_func and group_norm, so no reward model and no critic
     assert plan(cfg).fits
 
@@ -399,8 +580,15 @@ def test_a_trainer_preset_plans_as_the_trainer_reads_it(trainer, preset):
 def test_grpo_is_rlhf_ppo_with_a_group_baseline():
     cfg = PlanConfig(model="7B", trainer="grpo", reward_func=REWARD_FUNC)
     assert (cfg.advantage_estimator, cfg.n_samples_per_prompt) == ("group_norm", 8) and "critic" not in cfg.roles()
-    assert parse_plan(["--trainer", "grpo", "--model", "7B", "--reward_func", REWARD_FUNC, "--advantage_estimator", "rloo"]).advantage_estimator == "rloo"
-    assert "critic" in parse_plan(["--trainer", "grpo", "--model", "7B", "--reward_func", REWARD_FUNC, "--advantage_estimator", "gae"]).roles()
+    assert (
+        parse_plan(
+            ["--trainer", "grpo", "--model", "7B", "--reward_func", REWARD_FUNC, "--advantage_estimator", "rloo"]
+        ).advantage_estimator
+        == "rloo"
+    )
+    assert (
+        "critic" in parse_plan(["--trainer", "grpo", "--model", "7B", "--reward_func", REWARD_FUNC, "--advantage_estimator", "gae"]).roles()
+    )
 
 
 def test_trainer_flags_mean_what_they_mean_to_the_trainer():
@@ -422,7 +610,19 @@ def test_trainer_flags_mean_what_they_mean_to_the_trainer():
     with pytest.raises(UserError, match="--bf16 needs --zero_stage"):
         PlanConfig(model="7B", trainer="sft", bf16=True, zero_stage=0).validate()
     # rlhf.ppo runs vLLM colocated only: the search suggests no split placement with it.
-    found = suggest(PlanConfig(model="7B", trainer="ppo", gpu="RTX4090", num_gpus_per_node=4, bf16=True, reward_pretrain="7B", rollout_backend="vllm", micro_train_batch_size=1, micro_rollout_batch_size=4))
+    found = suggest(
+        PlanConfig(
+            model="7B",
+            trainer="ppo",
+            gpu="RTX4090",
+            num_gpus_per_node=4,
+            bf16=True,
+            reward_pretrain="7B",
+            rollout_backend="vllm",
+            micro_train_batch_size=1,
+            micro_rollout_batch_size=4,
+        )
+    )
     assert found is not None and not found[0].cfg.is_split
 
 

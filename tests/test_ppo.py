@@ -7,15 +7,20 @@ import textwrap
 
 import pytest
 import torch
-
 from helpers import ZERO3_FORCE_GATHER, error_lines, read_jsonl, run_trainer
 
 
 def ppo_args(pretrain, out, *extra):
     return [
-        "--config", "configs/grpo_tiny.yaml",
-        "--pretrain", str(pretrain),
-        "--save_path", str(out / "model"), "--ckpt_path", str(out / "ckpt"), *extra,
+        "--config",
+        "configs/grpo_tiny.yaml",
+        "--pretrain",
+        str(pretrain),
+        "--save_path",
+        str(out / "model"),
+        "--ckpt_path",
+        str(out / "ckpt"),
+        *extra,
     ]
 
 
@@ -53,7 +58,18 @@ def test_grpo_raises_heldout_accuracy(sft_teacher_model, tmp_path):
     records = train_records(tmp_path)
     reward = [r["reward"] for r in records]
     assert mean(reward[-10:]) >= mean(reward[:5]) + 0.1, reward
-    for key in ("reward_std", "advantage_std", "group_zero_std", "group_all_right", "group_all_wrong", "pass_at_8", "entropy", "kl", "clip_fraction", "response_length"):
+    for key in (
+        "reward_std",
+        "advantage_std",
+        "group_zero_std",
+        "group_all_right",
+        "group_all_wrong",
+        "pass_at_8",
+        "entropy",
+        "kl",
+        "clip_fraction",
+        "response_length",
+    ):
         assert key in records[-1], key
     assert mean([r["pass_at_8"] for r in records[:5]]) > mean(reward[:5]) + 0.3  # groups carry signal: pass@8 well above the mean
     assert (tmp_path / "model" / "reward_curve.png").stat().st_size > 1000
@@ -75,7 +91,9 @@ def test_ppo_with_critic_raises_heldout_accuracy(sft_teacher_model, tmp_path):
     """PPO with a critic (gae): held-out accuracy rises, the critic learns and is exported.
     Measured: 0.340 -> 0.800; value loss 0.148 at
     step 1 -> 0.11 (most of it is the 0/1 outcome's own variance)."""
-    run_trainer("rlhf.ppo", ppo_args(sft_teacher_model, tmp_path, "--advantage_estimator", "gae", "--critic_learning_rate", "1e-3"), timeout=1500)
+    run_trainer(
+        "rlhf.ppo", ppo_args(sft_teacher_model, tmp_path, "--advantage_estimator", "gae", "--critic_learning_rate", "1e-3"), timeout=1500
+    )
     curve = eval_rewards(tmp_path)
     assert curve[-1] >= curve[0] + LEARNING_GAIN, f"eval reward curve {curve}"
     # With 0/1 rewards most of the value loss is the outcome's own variance, which no critic
@@ -90,10 +108,24 @@ def test_rm_driven_ppo_raises_rm_score_within_kl_bound(sft_teacher_model, rm_tin
     """PPO with a critic, rewarded only by the project's own reward model (trained on the task's
     preferences; no verifiable reward): the RM score of greedy held-out answers rises while the KL
     to the reference stays bounded. Measured: RM score 1.43 -> 1.97; KL per sample at most 1.57."""
-    run_trainer("rlhf.ppo", ppo_args(
-        sft_teacher_model, tmp_path, "--reward_func", "None", "--reward_pretrain", str(rm_tiny_model),
-        "--advantage_estimator", "gae", "--critic_learning_rate", "1e-3", "--init_kl_coef", "0.01",
-    ), timeout=1500)
+    run_trainer(
+        "rlhf.ppo",
+        ppo_args(
+            sft_teacher_model,
+            tmp_path,
+            "--reward_func",
+            "None",
+            "--reward_pretrain",
+            str(rm_tiny_model),
+            "--advantage_estimator",
+            "gae",
+            "--critic_learning_rate",
+            "1e-3",
+            "--init_kl_coef",
+            "0.01",
+        ),
+        timeout=1500,
+    )
     curve = eval_rewards(tmp_path)
     assert curve[-1] >= curve[0] + RM_GAIN, f"eval RM score curve {curve}"
     kl = [r["kl"] for r in train_records(tmp_path)]
@@ -106,7 +138,9 @@ def test_colocated_zero_stages_run(sft_tiny_model, tmp_path, stage):
     # log-probs and the KL statistic come from the training forward; ZeRO-2 takes two, with a
     # separate behaviour forward.
     extra = ["--ds_config", ZERO3_FORCE_GATHER] if stage == 3 else ["--train_batch_size", "128"]
-    run_trainer("rlhf.ppo", ppo_args(sft_tiny_model, tmp_path, "--zero_stage", str(stage), "--max_steps", "2", "--eval_prompt_data", "None", *extra))
+    run_trainer(
+        "rlhf.ppo", ppo_args(sft_tiny_model, tmp_path, "--zero_stage", str(stage), "--max_steps", "2", "--eval_prompt_data", "None", *extra)
+    )
     records = [r for r in read_jsonl(tmp_path / "model" / "metrics.jsonl") if "reward" in r]
     assert len(records) == 2
     for r in records:
@@ -161,10 +195,25 @@ def load_sft_weights(path):
 def test_ptx_loss_is_trained(sft_tiny_model, tmp_path):
     """--pretrain_data / --ptx_coef: the SFT'd model has never seen raw "a+b=c" lines (8.1 nats
     per token); mixed into the actor loss, their NLL falls. Measured 6.8 (mean over step 1) -> 4.1 at step 4."""
-    run_trainer("rlhf.ppo", ppo_args(
-        sft_tiny_model, tmp_path, "--max_steps", "4", "--eval_prompt_data", "None", "--learning_rate", "1e-3",
-        "--pretrain_data", "embedded:arith/pretrain.jsonl", "--pretrain_max_len", "24", "--ptx_coef", "1.0",
-    ))
+    run_trainer(
+        "rlhf.ppo",
+        ppo_args(
+            sft_tiny_model,
+            tmp_path,
+            "--max_steps",
+            "4",
+            "--eval_prompt_data",
+            "None",
+            "--learning_rate",
+            "1e-3",
+            "--pretrain_data",
+            "embedded:arith/pretrain.jsonl",
+            "--pretrain_max_len",
+            "24",
+            "--ptx_coef",
+            "1.0",
+        ),
+    )
     ptx = [r["ptx_loss"] for r in read_jsonl(tmp_path / "model" / "metrics.jsonl") if "ptx_loss" in r]
     assert len(ptx) == 4 and ptx[-1] < 0.7 * ptx[0], ptx
 
@@ -180,12 +229,20 @@ def reward_module(tmp_path, body: str) -> str:
         (["--advantage_estimator", "ppo_magic"], "unknown advantage estimator 'ppo_magic'; choose one of gae,"),
         (["--advantage_estimator", "group_norm", "--n_samples_per_prompt", "1"], "--n_samples_per_prompt >= 2"),
         (["--gamma", "0.9"], "--gamma 0.9: --advantage_estimator group_norm needs gamma 1 (discounting works with gae, reinforce)"),
-        (["--rollout_batch_size", "3", "--n_samples_per_prompt", "64", "--train_batch_size", "64"], "--rollout_batch_size 3 must be divisible by the actor data-parallel size 2"),
+        (
+            ["--rollout_batch_size", "3", "--n_samples_per_prompt", "64", "--train_batch_size", "64"],
+            "--rollout_batch_size 3 must be divisible by the actor data-parallel size 2",
+        ),
     ],
     ids=["unknown estimator", "group estimator with one sample", "group estimator with gamma", "placement does not fit"],
 )
 def test_ppo_bad_config(tmp_path, extra, expected):
-    proc = run_trainer("rlhf.ppo", ["--config", "configs/grpo_tiny.yaml", "--pretrain", "embedded:tiny-qwen2", "--save_path", str(tmp_path / "out"), *extra], nproc=2, check=False)
+    proc = run_trainer(
+        "rlhf.ppo",
+        ["--config", "configs/grpo_tiny.yaml", "--pretrain", "embedded:tiny-qwen2", "--save_path", str(tmp_path / "out"), *extra],
+        nproc=2,
+        check=False,
+    )
     lines = error_lines(proc.stderr)
     assert proc.returncode != 0 and len(lines) == 1, proc.stderr[-3000:]
     assert expected in lines[0]
@@ -201,7 +258,25 @@ def test_ppo_bad_config(tmp_path, extra, expected):
 )
 def test_ppo_bad_reward_function(tmp_path, body, expected):
     spec = reward_module(tmp_path, body)
-    proc = run_trainer("rlhf.ppo", ["--config", "configs/grpo_tiny.yaml", "--pretrain", "embedded:tiny-qwen2", "--reward_func", spec, "--max_steps", "1", "--eval_prompt_data", "None", "--save_path", str(tmp_path / "out")], nproc=0, check=False)
+    proc = run_trainer(
+        "rlhf.ppo",
+        [
+            "--config",
+            "configs/grpo_tiny.yaml",
+            "--pretrain",
+            "embedded:tiny-qwen2",
+            "--reward_func",
+            spec,
+            "--max_steps",
+            "1",
+            "--eval_prompt_data",
+            "None",
+            "--save_path",
+            str(tmp_path / "out"),
+        ],
+        nproc=0,
+        check=False,
+    )
     lines = error_lines(proc.stderr)
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-3000:]
     assert expected in lines[0]
@@ -243,11 +318,26 @@ def test_two_reward_models_remote_service_and_function_combine(sft_tiny_model, t
     """Every source is scored and logged; the reward is their weighted sum."""
     url, calls = reward_server
     weights = (0.5, 0.25, 0.1, 2.0)  # reward model 0, reward model 1, remote, function
-    run_trainer("rlhf.ppo", ppo_args(
-        sft_tiny_model, tmp_path, "--max_steps", "2", "--eval_prompt_data", "None",
-        "--reward_pretrain", f"{sft_tiny_model},{sft_tiny_model}", "--remote_rm_url", url,
-        "--reward_weights", ",".join(map(str, weights)), "--reward_clip_range", "-1000", "1000",
-    ))
+    run_trainer(
+        "rlhf.ppo",
+        ppo_args(
+            sft_tiny_model,
+            tmp_path,
+            "--max_steps",
+            "2",
+            "--eval_prompt_data",
+            "None",
+            "--reward_pretrain",
+            f"{sft_tiny_model},{sft_tiny_model}",
+            "--remote_rm_url",
+            url,
+            "--reward_weights",
+            ",".join(map(str, weights)),
+            "--reward_clip_range",
+            "-1000",
+            "1000",
+        ),
+    )
     assert sum(calls) == 2 * 32 * 8  # 2 steps x the preset's 32 prompts x 8 samples, over both ranks
     for r in [r for r in read_jsonl(tmp_path / "model" / "metrics.jsonl") if "reward" in r]:
         sources = [r["reward_model0"], r["reward_model1"], r["reward_remote"], r["reward_func"]]
@@ -263,11 +353,31 @@ def test_unreachable_remote_rm_is_a_clear_error(tmp_path):
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = run_trainer("rlhf.ppo", [
-        "--config", "configs/grpo_tiny.yaml", "--pretrain", "embedded:tiny-qwen2", "--reward_func", "None",
-        "--remote_rm_url", f"http://127.0.0.1:{port}/score", "--remote_rm_retries", "1", "--remote_rm_timeout", "2",
-        "--max_steps", "1", "--eval_prompt_data", "None", "--save_path", str(tmp_path / "out"),
-    ], nproc=0, check=False)
+    proc = run_trainer(
+        "rlhf.ppo",
+        [
+            "--config",
+            "configs/grpo_tiny.yaml",
+            "--pretrain",
+            "embedded:tiny-qwen2",
+            "--reward_func",
+            "None",
+            "--remote_rm_url",
+            f"http://127.0.0.1:{port}/score",
+            "--remote_rm_retries",
+            "1",
+            "--remote_rm_timeout",
+            "2",
+            "--max_steps",
+            "1",
+            "--eval_prompt_data",
+            "None",
+            "--save_path",
+            str(tmp_path / "out"),
+        ],
+        nproc=0,
+        check=False,
+    )
     lines = error_lines(proc.stderr)
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-3000:]
     assert f"--remote_rm_url http://127.0.0.1:{port}/score: no answer after 2 tries" in lines[0]
@@ -279,12 +389,17 @@ def test_behaviour_logp_from_the_training_forward_equals_a_separate_forward(sft_
     import subprocess
     import sys
 
-    out = subprocess.run([sys.executable, "tests/behaviour_logp_check.py", str(sft_tiny_model)], capture_output=True, text=True, timeout=600)
+    out = subprocess.run(
+        [sys.executable, "tests/behaviour_logp_check.py", str(sft_tiny_model)], capture_output=True, text=True, timeout=600
+    )
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
-    results = json.loads(next(line for line in out.stdout.splitlines() if line.startswith("RESULT "))[len("RESULT "):])
+    results = json.loads(next(line for line in out.stdout.splitlines() if line.startswith("RESULT "))[len("RESULT ") :])
     for case, result in results.items():
         assert result["update"] > 1e-4, case  # the step really moved the weights ...
-        assert result["weights"] < 1e-6 and result["policy_loss"] < 1e-6 and result["entropy"] < 1e-6, (case, result)  # ... identically both ways
+        assert result["weights"] < 1e-6 and result["policy_loss"] < 1e-6 and result["entropy"] < 1e-6, (
+            case,
+            result,
+        )  # ... identically both ways
         assert abs(result["kl_in_training"] - result["kl_separate"]) < 1e-4 * max(1.0, abs(result["kl_separate"])), (case, result)
         assert abs(result["gap_in_training"] - result["gap_separate"]) < 1e-4 * max(1.0, result["gap_separate"]), (case, result)
     assert results["vllm_is"]["gap_separate"] > 1.0  # the engine case really had a gap to measure and weights to apply

@@ -30,9 +30,9 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from oracles import openrlhf_advantage_maker, openrlhf_kl_controller, openrlhf_loss, openrlhf_utils, torchtune_rewards
 from torch.testing import assert_close
 
-from oracles import openrlhf_advantage_maker, openrlhf_kl_controller, openrlhf_loss, openrlhf_utils, torchtune_rewards
 from rlhf.algos.ppo import (
     ADVANTAGE_ESTIMATORS,
     AdaptiveKLController,
@@ -280,7 +280,9 @@ def test_adaptive_kl_controller_moves_the_right_way():
 
 
 def test_unknown_estimator_is_user_error_listing_names():
-    with pytest.raises(UserError, match="unknown advantage estimator 'ppo'; choose one of gae, reinforce, rloo, reinforce_baseline, group_norm, dr_grpo"):
+    with pytest.raises(
+        UserError, match="unknown advantage estimator 'ppo'; choose one of gae, reinforce, rloo, reinforce_baseline, group_norm, dr_grpo"
+    ):
         get_estimator("ppo")
     assert list(ADVANTAGE_ESTIMATORS) == ESTIMATORS
 
@@ -375,7 +377,9 @@ def test_masked_mean_matches_openrlhf():
     peer = openrlhf_utils("0.11.2")
     x = rollout(5, 9, seed=11)
     for dim in (None, -1, 0):
-        assert_close(masked_mean(x["values"], x["mask"], dim), peer.masked_mean(x["values"].double(), x["mask"].double(), dim).float(), **TOL)
+        assert_close(
+            masked_mean(x["values"], x["mask"], dim), peer.masked_mean(x["values"].double(), x["mask"].double(), dim).float(), **TOL
+        )
 
 
 @pytest.mark.parametrize("kl_coef", [0.0, 0.05, 1.0])
@@ -404,7 +408,9 @@ def test_policy_loss_matches_openrlhf(batch, eps_low, eps_high, dual_clip):
     logp = x["logp"].clone().requires_grad_(True)
     logp64 = x["logp"].double().requires_grad_(True)
     ours = policy_loss(logp, x["old_logp"], x["advantages"], x["mask"], eps_low, eps_high, dual_clip, n_tokens)
-    loss, clip_ratio, ppo_kl, _, _ = peer(logp64, x["old_logp"].double(), x["advantages"].double(), action_mask=x["mask"].double(), batch_num_tokens=n_tokens)
+    loss, clip_ratio, ppo_kl, _, _ = peer(
+        logp64, x["old_logp"].double(), x["advantages"].double(), action_mask=x["mask"].double(), batch_num_tokens=n_tokens
+    )
     for a, b in zip(ours, (loss, clip_ratio, ppo_kl)):
         assert_close(a, b.float(), **TOL)
     assert_close(torch.autograd.grad(ours[0], logp)[0], torch.autograd.grad(loss, logp64)[0].float(), **TOL)
@@ -452,7 +458,11 @@ def _openrlhf_advantages(name, x, kl64, n, kl_coef, gamma, lambd, no_std_norm, s
     maker.kl_ctl = SimpleNamespace(value=kl_coef)
     advantage = SimpleNamespace(estimator=name, gamma=gamma, lambd=lambd, no_std_norm=no_std_norm)
     maker.strategy = SimpleNamespace(
-        args=SimpleNamespace(rollout=SimpleNamespace(n_samples_per_prompt=n), reward=SimpleNamespace(clip_range=None), algo=SimpleNamespace(advantage=advantage))
+        args=SimpleNamespace(
+            rollout=SimpleNamespace(n_samples_per_prompt=n),
+            reward=SimpleNamespace(clip_range=None),
+            algo=SimpleNamespace(advantage=advantage),
+        )
     )
     B = x["mask"].size(0)
     experiences = [
@@ -573,9 +583,14 @@ def test_whitening_over_shards_equals_whole_batch(name, no_std_norm):
 
     def inputs(rows, sum_over_shards=None):
         return AdvantageInputs(
-            token_rewards=token_rewards(seq[rows], torch.zeros(len(seq[rows]), 6), x["mask"][rows], 0.0), seq_rewards=seq[rows],
-            action_mask=x["mask"][rows], values=x["values"][rows], n_samples_per_prompt=2, lambd=0.9,
-            no_std_norm=no_std_norm, sum_over_shards=sum_over_shards,
+            token_rewards=token_rewards(seq[rows], torch.zeros(len(seq[rows]), 6), x["mask"][rows], 0.0),
+            seq_rewards=seq[rows],
+            action_mask=x["mask"][rows],
+            values=x["values"][rows],
+            n_samples_per_prompt=2,
+            lambd=0.9,
+            no_std_norm=no_std_norm,
+            sum_over_shards=sum_over_shards,
         )
 
     estimator = get_estimator(name)

@@ -12,9 +12,8 @@ import shutil
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from helpers import ZERO3_FORCE_GATHER, error_lines, read_jsonl, run_trainer
+from safetensors.torch import load_file
 
 SPLIT = ["--actor_num_gpus_per_node", "2", "--critic_num_gpus_per_node", "1", "--reward_num_gpus_per_node", "1", "--colocate_ref_reward"]
 COMPARED = ("reward", "kl", "reward_model0", "reward_func", "policy_loss", "entropy", "value_loss", "response_length")
@@ -23,10 +22,35 @@ COMPARED = ("reward", "kl", "reward_model0", "reward_func", "policy_loss", "entr
 def gae_args(sft, rm, out, *extra):
     """PPO with a critic, a reward model plus the exact-match function, 3 steps."""
     return [
-        "--config", "configs/grpo_tiny.yaml", "--pretrain", str(sft), "--reward_pretrain", str(rm),
-        "--advantage_estimator", "gae", "--n_samples_per_prompt", "2", "--rollout_batch_size", "32", "--train_batch_size", "64", "--micro_train_batch_size", "32",
-        "--init_kl_coef", "0.05", "--critic_learning_rate", "1e-3", "--max_steps", "3", "--eval_prompt_data", "None",
-        "--save_path", str(out / "model"), "--ckpt_path", str(out / "ckpt"), *extra,
+        "--config",
+        "configs/grpo_tiny.yaml",
+        "--pretrain",
+        str(sft),
+        "--reward_pretrain",
+        str(rm),
+        "--advantage_estimator",
+        "gae",
+        "--n_samples_per_prompt",
+        "2",
+        "--rollout_batch_size",
+        "32",
+        "--train_batch_size",
+        "64",
+        "--micro_train_batch_size",
+        "32",
+        "--init_kl_coef",
+        "0.05",
+        "--critic_learning_rate",
+        "1e-3",
+        "--max_steps",
+        "3",
+        "--eval_prompt_data",
+        "None",
+        "--save_path",
+        str(out / "model"),
+        "--ckpt_path",
+        str(out / "ckpt"),
+        *extra,
     ]
 
 
@@ -80,7 +104,9 @@ def test_split_zero3_resume_equals_uninterrupted(sft_tiny_model, rm_tiny_model, 
     shutil.copytree(straight / "ckpt", ckpt)
     assert sorted(p.name for p in (ckpt / "step_00000002").iterdir()) == ["actor", "critic", "rng", "trainer_state.json"]
     resumed = tmp_path / "resumed"
-    run_trainer("rlhf.ppo", [*gae_args(sft_tiny_model, rm_tiny_model, resumed, *common), "--ckpt_path", str(ckpt), "--load_checkpoint"], nproc=4)
+    run_trainer(
+        "rlhf.ppo", [*gae_args(sft_tiny_model, rm_tiny_model, resumed, *common), "--ckpt_path", str(ckpt), "--load_checkpoint"], nproc=4
+    )
     tail = step_records(resumed)
     assert [r["step"] for r in tail] == [3]
     for key in COMPARED:
@@ -92,7 +118,10 @@ def test_split_zero3_resume_equals_uninterrupted(sft_tiny_model, rm_tiny_model, 
     "extra, expected",
     [
         (SPLIT, "placement: actor 2 + critic 1 + reward+reference 1 = 4 ranks, but the world has 2"),
-        (["--actor_num_gpus_per_node", "1", "--critic_num_gpus_per_node", "1"], "split placement: this run uses roles actor, critic, reward, reference; give --reward_num_gpus_per_node"),
+        (
+            ["--actor_num_gpus_per_node", "1", "--critic_num_gpus_per_node", "1"],
+            "split placement: this run uses roles actor, critic, reward, reference; give --reward_num_gpus_per_node",
+        ),
         (["--actor_num_gpus_per_node", "1", "--critic_num_gpus_per_node", "1", "--colocate_critic_reward", "--colocate_actor_ref"], None),
     ],
     ids=["does not fit the world", "role without ranks", "fits"],
@@ -112,16 +141,47 @@ def test_rollout_ranks_of_their_own_get_the_actors_weights_every_step(sft_tiny_m
     partitioned): the actor's weights are gathered in ~0.5 MB buckets and broadcast before each
     rollout. Samples, rewards, losses and the greedy eval then equal the colocated run's, where
     generation reads the live weights; a stale or partial sync would change them from step 2 on."""
+
     def grpo(out, *extra):
         return [
-            "--config", "configs/grpo_tiny.yaml", "--pretrain", str(sft_tiny_model), "--max_steps", "3", "--eval_every", "3",
-            "--rollout_batch_size", "16", "--train_batch_size", "64", "--micro_train_batch_size", "32",
-            "--zero_stage", "3", "--ds_config", ZERO3_FORCE_GATHER, "--init_kl_coef", "0.05",
-            "--save_path", str(out / "model"), "--ckpt_path", str(out / "ckpt"), *extra,
+            "--config",
+            "configs/grpo_tiny.yaml",
+            "--pretrain",
+            str(sft_tiny_model),
+            "--max_steps",
+            "3",
+            "--eval_every",
+            "3",
+            "--rollout_batch_size",
+            "16",
+            "--train_batch_size",
+            "64",
+            "--micro_train_batch_size",
+            "32",
+            "--zero_stage",
+            "3",
+            "--ds_config",
+            ZERO3_FORCE_GATHER,
+            "--init_kl_coef",
+            "0.05",
+            "--save_path",
+            str(out / "model"),
+            "--ckpt_path",
+            str(out / "ckpt"),
+            *extra,
         ]
 
     run_trainer("rlhf.ppo", grpo(tmp_path / "colocated"))
-    split = ["--actor_num_gpus_per_node", "2", "--rollout_num_gpus_per_node", "2", "--ref_num_gpus_per_node", "1", "--weight_sync_bucket_mb", "0.5"]
+    split = [
+        "--actor_num_gpus_per_node",
+        "2",
+        "--rollout_num_gpus_per_node",
+        "2",
+        "--ref_num_gpus_per_node",
+        "1",
+        "--weight_sync_bucket_mb",
+        "0.5",
+    ]
     run_trainer("rlhf.ppo", grpo(tmp_path / "split", *split), nproc=5)
     a, b = [read_jsonl(tmp_path / name / "model" / "metrics.jsonl") for name in ("colocated", "split")]
     assert [r["step"] for r in a] == [r["step"] for r in b] == [0, 1, 2, 3]

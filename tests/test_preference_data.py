@@ -157,15 +157,20 @@ def test_ultrafeedback_binarized_messages(tok, tmp_path):
     assert_response_span(tok, b.chosen, prompt, "four<|im_end|>")
     assert_response_span(tok, b.rejected, prompt, "five<|im_end|>")
     # The prompt field is not needed when the lists carry the whole conversation.
-    [c] = tokenize_pairs([{k: v for k, v in rows[0].items() if k != "prompt"}], tok, PreferenceDataConfig(prompt_key=None, apply_chat_template=True))
+    [c] = tokenize_pairs(
+        [{k: v for k, v in rows[0].items() if k != "prompt"}], tok, PreferenceDataConfig(prompt_key=None, apply_chat_template=True)
+    )
     assert c == a
 
 
 def test_assistant_only_lists_with_a_prompt_field(tok, tmp_path):
     rows_in = [
         {"prompt": "2+2?", "chosen": [{"role": "assistant", "content": "4"}], "rejected": [{"role": "assistant", "content": "5"}]},
-        {"prompt": [{"role": "system", "content": "s"}, {"role": "user", "content": "2+2?"}],
-         "chosen": [{"role": "assistant", "content": "4"}], "rejected": [{"role": "assistant", "content": "5"}]},
+        {
+            "prompt": [{"role": "system", "content": "s"}, {"role": "user", "content": "2+2?"}],
+            "chosen": [{"role": "assistant", "content": "4"}],
+            "rejected": [{"role": "assistant", "content": "5"}],
+        },
     ]
     _, rows = write_rows(tmp_path, rows_in)
     a, b = tokenize_pairs(rows, tok, PreferenceDataConfig(apply_chat_template=True))
@@ -193,20 +198,53 @@ def test_pair_errors_name_file_line_and_field(tok, tmp_path):
     bad = [
         ({"prompt": "p", "rejected": "b"}, {}, r"field 'chosen' is missing \(set --chosen_key; the row has: prompt, rejected\)$"),
         ({"prompt": "p", "chosen": "a", "answer": "b"}, {}, r"field 'rejected' is missing \(set --rejected_key;"),
-        ({"prompt": "p", "chosen": "same", "rejected": "same"}, {}, r"chosen and rejected are identical \(fields 'chosen' and 'rejected'\)$"),
+        (
+            {"prompt": "p", "chosen": "same", "rejected": "same"},
+            {},
+            r"chosen and rejected are identical \(fields 'chosen' and "
+            r"'rejected'\)$",
+        ),
         ({"prompt": "p", "chosen": "a", "rejected": "  "}, {}, r"field 'rejected' is empty$"),
-        ({"prompt": "p", "chosen": "a", "rejected": "b", "margin": "big"}, {"margin_key": "margin"}, r"field 'margin' must be a number, got str 'big'$"),
+        (
+            {"prompt": "p", "chosen": "a", "rejected": "b", "margin": "big"},
+            {"margin_key": "margin"},
+            r"field 'margin' must be a number, "
+            r"got str 'big'$",
+        ),
         ({"prompt": "p", "chosen": "a", "rejected": "b"}, {"margin_key": "margin"}, r"field 'margin' is missing \(set --margin_key;"),
-        ({"chosen": "\n\nHuman: q\n\nAssistant: yes", "rejected": "\n\nHuman: q\n\nAssistant:"}, {"prompt_key": None},
-         r"field 'rejected' has an empty response after the prompt both sides share$"),
-        ({"chosen": msgs("q", "4"), "rejected": msgs("q", "")}, {"apply_chat_template": True}, r"field 'rejected' has an empty assistant response$"),
-        ({"chosen": msgs("q", "4"), "rejected": msgs("other q", "5")}, {"apply_chat_template": True},
-         r"fields 'chosen' and 'rejected' must share the same conversation before their last \(assistant\) message$"),
-        ({"chosen": msgs("q", "4"), "rejected": msgs("q", "5")}, {}, r"fields 'chosen' and 'rejected' hold chat messages; add --apply_chat_template$"),
-        ({"prompt": "p", "chosen": "a", "rejected": [{"role": "assistant", "content": "b"}]}, {"apply_chat_template": True},
-         r"fields 'chosen' and 'rejected' must both be texts or both be messages lists$"),
-        ({"chosen": [{"role": "assistant", "content": "a"}], "rejected": [{"role": "assistant", "content": "b"}]},
-         {"prompt_key": None, "apply_chat_template": True}, r"fields 'chosen' and 'rejected' hold only the assistant message; set --prompt_key"),
+        (
+            {"chosen": "\n\nHuman: q\n\nAssistant: yes", "rejected": "\n\nHuman: q\n\nAssistant:"},
+            {"prompt_key": None},
+            r"field 'rejected' has an empty response after the prompt both sides share$",
+        ),
+        (
+            {"chosen": msgs("q", "4"), "rejected": msgs("q", "")},
+            {"apply_chat_template": True},
+            r"field 'rejected' has an empty assistant "
+            r"response$",
+        ),
+        (
+            {"chosen": msgs("q", "4"), "rejected": msgs("other q", "5")},
+            {"apply_chat_template": True},
+            r"fields 'chosen' and 'rejected' must share the same conversation before their last \(assistant\) message$",
+        ),
+        (
+            {"chosen": msgs("q", "4"), "rejected": msgs("q", "5")},
+            {},
+            r"fields 'chosen' and 'rejected' hold chat messages; add "
+            r"--apply_chat_template$",
+        ),
+        (
+            {"prompt": "p", "chosen": "a", "rejected": [{"role": "assistant", "content": "b"}]},
+            {"apply_chat_template": True},
+            r"fields 'chosen' and 'rejected' must both be texts or both be messages lists$",
+        ),
+        (
+            {"chosen": [{"role": "assistant", "content": "a"}], "rejected": [{"role": "assistant", "content": "b"}]},
+            {"prompt_key": None, "apply_chat_template": True},
+            r"fields 'chosen' and 'rejected' hold only the assistant message; set "
+            r"--prompt_key",
+        ),
     ]
     path, rows = write_rows(tmp_path, [row for row, _, _ in bad])
     assert [r["__where__"] for r in rows] == [f"{path}:{i + 1}" for i in range(len(bad))]
@@ -267,8 +305,11 @@ def test_kto_chat_messages(tok, tmp_path):
 
 def test_kto_label_is_strictly_boolean(tok, tmp_path):
     rows_in = [{"prompt": "p", "completion": "c", "label": v} for v in (1, 0, "true", None)]
-    rows_in += [{"prompt": "p", "completion": ""}, {"prompt": "p", "completion": "", "label": True},
-                {"prompt": "p", "completion": [{"role": "assistant", "content": " "}], "label": True}]
+    rows_in += [
+        {"prompt": "p", "completion": ""},
+        {"prompt": "p", "completion": "", "label": True},
+        {"prompt": "p", "completion": [{"role": "assistant", "content": " "}], "label": True},
+    ]
     path, rows = write_rows(tmp_path, rows_in)
     cfg = KTOConfig().data
     expected = [
@@ -324,7 +365,10 @@ def test_collate_pairs_shapes_and_order():
     ]
     batch = collate_pairs(pairs, pad_id=0)
     assert {k: tuple(v.shape) for k, v in batch.items()} == {
-        "input_ids": (4, 4), "attention_mask": (4, 4), "loss_mask": (4, 4), "margin": (2,)
+        "input_ids": (4, 4),
+        "attention_mask": (4, 4),
+        "loss_mask": (4, 4),
+        "margin": (2,),
     }
     assert batch["input_ids"].tolist() == [[1, 2, 3, 0], [5, 6, 0, 0], [1, 4, 0, 0], [5, 7, 8, 9]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 0, 0], [1, 1, 1, 1]]
@@ -333,7 +377,11 @@ def test_collate_pairs_shapes_and_order():
 
     packed = collate_pairs_packed(pairs, pad_id=0, pad_to_multiple_of=4)
     assert {k: tuple(v.shape) for k, v in packed.items()} == {
-        "input_ids": (1, 12), "position_ids": (1, 12), "loss_mask": (1, 12), "sample_ids": (1, 12), "margin": (2,)
+        "input_ids": (1, 12),
+        "position_ids": (1, 12),
+        "loss_mask": (1, 12),
+        "sample_ids": (1, 12),
+        "margin": (2,),
     }
     assert packed["input_ids"].tolist() == [[1, 2, 3, 5, 6, 1, 4, 5, 7, 8, 9, 0]]
     assert packed["sample_ids"].tolist() == [[0, 0, 0, 1, 1, 2, 2, 3, 3, 3, 3, -1]]
@@ -346,8 +394,11 @@ def test_packed_pair_logprobs_equal_padded(tok):
 
     rows = [
         {"prompt": "12+30=", "chosen": "42", "rejected": "43 or so"},
-        {"prompt": [{"role": "system", "content": "math"}, {"role": "user", "content": "7*6?"}],
-         "chosen": [{"role": "assistant", "content": "42, since 7*6=42"}], "rejected": [{"role": "assistant", "content": "36"}]},
+        {
+            "prompt": [{"role": "system", "content": "math"}, {"role": "user", "content": "7*6?"}],
+            "chosen": [{"role": "assistant", "content": "42, since 7*6=42"}],
+            "rejected": [{"role": "assistant", "content": "36"}],
+        },
         {"prompt": "hi", "chosen": "hello there", "rejected": "go away"},
     ]
     pairs = tokenize_pairs(rows, tok, PreferenceDataConfig(apply_chat_template=True))
@@ -356,8 +407,13 @@ def test_packed_pair_logprobs_equal_padded(tok):
 
     torch.manual_seed(0)
     config = Qwen2Config(
-        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
         initializer_range=0.2,  # large weights, so attention leaking across samples would show
     )
     model = Qwen2ForCausalLM(config).float().eval()

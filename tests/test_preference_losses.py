@@ -29,9 +29,9 @@ import math
 import pytest
 import torch
 import torch.distributed as dist
+from oracles import INSTALL_HINT, OracleMissing, load_peer_file, openrlhf_loss, openrlhf_utils
 from torch.testing import assert_close
 
-from oracles import INSTALL_HINT, OracleMissing, load_peer_file, openrlhf_loss, openrlhf_utils
 from rlhf.algos.preference import (
     dpo_loss,
     kto_kl_estimate,
@@ -309,7 +309,11 @@ SPLITS = [1, 5, 9]  # of a global batch of 10
 def test_pairwise_losses_shard_sum(split):
     chosen, rejected, margin = rewards(10, seed=600)
     a, b = slice(0, split), slice(split, None)
-    for fn in (lambda c, r, m: pairwise_sigmoid_loss(c, r, m, 10), lambda c, r, m: pairwise_sigmoid_loss(c, r, None, 10), lambda c, r, m: pairwise_logexp_loss(c, r, 10)):
+    for fn in (
+        lambda c, r, m: pairwise_sigmoid_loss(c, r, m, 10),
+        lambda c, r, m: pairwise_sigmoid_loss(c, r, None, 10),
+        lambda c, r, m: pairwise_logexp_loss(c, r, 10),
+    ):
         assert_close(fn(chosen[a], rejected[a], margin[a]) + fn(chosen[b], rejected[b], margin[b]), fn(chosen, rejected, margin), **TOL)
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
-
 import realdata
 from helpers import read_jsonl, run_trainer
 
@@ -118,7 +117,11 @@ def test_alpaca_input_template_takes_instruction_and_input(families, data):
         prompt = f"### Instruction:\n{row['instruction']}\n\n### Input:\n{row['input']}\n\n### Response:\n"
         assert tok.decode(s.input_ids) == prompt + row["output"] + tok.eos_token and p.text == prompt
         assert masked_spans(tok, s.input_ids, s.loss_mask) == [row["output"] + tok.eos_token]
-    with pytest.raises(UserError, match=r"alpaca.jsonl:1: --input_template names field 'context', which the row lacks \(it has: instruction, input, output\)"):
+    with pytest.raises(
+        UserError,
+        match=r"alpaca.jsonl:1: --input_template names field 'context', which the row lacks \(it has: "
+        r"instruction, input, output\)",
+    ):
         tokenize_sft(rows, tok, DataConfig(input_key="input", output_key="output", input_template="{context}: {}"))
 
 
@@ -128,17 +131,20 @@ def test_reward_model_pairs_end_like_rollouts(families, data, family):
     way PPO's do: the RL prompt ids, the response, and the end token generation stops at. ChatML
     writes a newline after <|im_end|>; a pair side that kept it trained the score at the newline
     while PPO read it at <|im_end|> (regression)."""
+    from transformers import GenerationConfig
+
     from rlhf.config import PreferenceDataConfig, PromptDataConfig
     from rlhf.data.preference import tokenize_pairs
     from rlhf.data.prompts import tokenize_prompts
     from rlhf.rollout.hf import stop_token_ids
-    from transformers import GenerationConfig
 
     tok = load_tok(families[family])
     stops = stop_token_ids(tok, GenerationConfig.from_pretrained(families[family]))
     rows = rows_of(data["ultrafeedback"])
     pairs = tokenize_pairs(rows, tok, PreferenceDataConfig(prompt_key=None, apply_chat_template=True, max_len=1024))
-    prompts = tokenize_prompts([{"p": row["chosen"][:-1]} for row in rows], tok, PromptDataConfig(input_key="p", label_key=None, apply_chat_template=True))
+    prompts = tokenize_prompts(
+        [{"p": row["chosen"][:-1]} for row in rows], tok, PromptDataConfig(input_key="p", label_key=None, apply_chat_template=True)
+    )
     for pair, prompt in zip(pairs, prompts):
         for side in (pair.chosen, pair.rejected):
             assert side.input_ids[: len(prompt.ids)] == prompt.ids and side.loss_mask.index(1) == len(prompt.ids)
@@ -215,7 +221,9 @@ def test_preference_shapes_tokenise(families, data, family):
         for side, sample in (("chosen", pair.chosen), ("rejected", pair.rejected)):
             assert masked_spans(tok, sample.input_ids, sample.loss_mask) == [row[side][-1]["content"] + PAIR_END[family]]
     kto_rows = rows_of(data["kto_mix"])
-    kto = tokenize_unpaired(kto_rows, tok, PreferenceDataConfig(input_key="prompt", output_key="completion", apply_chat_template=True, max_len=1024))
+    kto = tokenize_unpaired(
+        kto_rows, tok, PreferenceDataConfig(input_key="prompt", output_key="completion", apply_chat_template=True, max_len=1024)
+    )
     for row, ex in zip(kto_rows, kto):
         assert ex.desirable == row["label"]
         assert masked_spans(tok, ex.sample.input_ids, ex.sample.loss_mask) == [row["completion"][0]["content"] + TURN_END[family]]
@@ -242,9 +250,17 @@ def test_hf_rollouts_stop_at_the_templates_end_token(llama3_chat, data):
 
     tok = load_tok(llama3_chat)
     eot = tok.convert_tokens_to_ids("<|eot_id|>")
-    prompts = load_prompts(str(data["gsm8k_messages"]), None, tok, PromptDataConfig(input_key="context_messages", label_key="answer", apply_chat_template=True), 0)
+    prompts = load_prompts(
+        str(data["gsm8k_messages"]),
+        None,
+        tok,
+        PromptDataConfig(input_key="context_messages", label_key="answer", apply_chat_template=True),
+        0,
+    )
     model = load_causal_lm(ModelConfig(pretrain=str(llama3_chat))).eval()
-    gen = HFGenerator(model, tok, RolloutConfig(generate_max_len=24, micro_rollout_batch_size=8)).generate([p.ids for p in prompts], greedy=True)
+    gen = HFGenerator(model, tok, RolloutConfig(generate_max_len=24, micro_rollout_batch_size=8)).generate(
+        [p.ids for p in prompts], greedy=True
+    )
     assert all(gen.finished), [tok.decode(r) for r in gen.responses]
     assert all(r[-1] == eot and eot not in r[:-1] for r in gen.responses)
 
@@ -253,12 +269,50 @@ def rl_args(model, data, out, *extra) -> list[str]:
     """GRPO on GSM8K chat prompts (message lists with system turns) with the verifiable reward
     file; 2 steps, greedy eval before, after each step."""
     return [
-        "--pretrain", str(model), "--prompt_data", str(data["gsm8k_messages"]), "--input_key", "context_messages", "--label_key", "answer",
-        "--apply_chat_template", "--eval_prompt_data", str(data["gsm8k_messages"]), "--eval_every", "1",
-        "--reward_func", f"{data['gsm8k_reward']}:reward", "--advantage_estimator", "group_norm", "--n_samples_per_prompt", "2",
-        "--rollout_batch_size", "4", "--micro_rollout_batch_size", "8", "--train_batch_size", "8", "--micro_train_batch_size", "4",
-        "--generate_max_len", "24", "--prompt_max_len", "128", "--max_steps", "2", "--learning_rate", "1e-5", "--init_kl_coef", "0",
-        "--zero_stage", "2", "--save_path", str(out / "model"), "--ckpt_path", str(out / "ckpt"), *extra,
+        "--pretrain",
+        str(model),
+        "--prompt_data",
+        str(data["gsm8k_messages"]),
+        "--input_key",
+        "context_messages",
+        "--label_key",
+        "answer",
+        "--apply_chat_template",
+        "--eval_prompt_data",
+        str(data["gsm8k_messages"]),
+        "--eval_every",
+        "1",
+        "--reward_func",
+        f"{data['gsm8k_reward']}:reward",
+        "--advantage_estimator",
+        "group_norm",
+        "--n_samples_per_prompt",
+        "2",
+        "--rollout_batch_size",
+        "4",
+        "--micro_rollout_batch_size",
+        "8",
+        "--train_batch_size",
+        "8",
+        "--micro_train_batch_size",
+        "4",
+        "--generate_max_len",
+        "24",
+        "--prompt_max_len",
+        "128",
+        "--max_steps",
+        "2",
+        "--learning_rate",
+        "1e-5",
+        "--init_kl_coef",
+        "0",
+        "--zero_stage",
+        "2",
+        "--save_path",
+        str(out / "model"),
+        "--ckpt_path",
+        str(out / "ckpt"),
+        *extra,
     ]
 
 
@@ -311,11 +365,34 @@ def test_batch_inference_with_a_chat_template(llama3_chat, data, tmp_path, task)
     answers to chat prompts, written with the rendered prompt, ending at the turn's end, scored
     by the reward file against each row's answer."""
     out = tmp_path / "gen.jsonl"
-    run_trainer("rlhf.generate", [
-        "--pretrain", str(llama3_chat), "--eval_task", task, "--dataset", str(data["gsm8k_messages"]), "--input_key", "context_messages",
-        "--label_key", "answer", "--apply_chat_template", "--temperature", "0", "--generate_max_len", "24", "--prompt_max_len", "128",
-        "--reward_func", f"{data['gsm8k_reward']}:reward", "--vllm_kv_cache_mb", "64", "--output_path", str(out),
-    ])
+    run_trainer(
+        "rlhf.generate",
+        [
+            "--pretrain",
+            str(llama3_chat),
+            "--eval_task",
+            task,
+            "--dataset",
+            str(data["gsm8k_messages"]),
+            "--input_key",
+            "context_messages",
+            "--label_key",
+            "answer",
+            "--apply_chat_template",
+            "--temperature",
+            "0",
+            "--generate_max_len",
+            "24",
+            "--prompt_max_len",
+            "128",
+            "--reward_func",
+            f"{data['gsm8k_reward']}:reward",
+            "--vllm_kv_cache_mb",
+            "64",
+            "--output_path",
+            str(out),
+        ],
+    )
     tok = load_tok(llama3_chat)
     rows = rows_of(data["gsm8k_messages"])
     records = read_jsonl(out)
@@ -328,23 +405,72 @@ def test_batch_inference_with_a_chat_template(llama3_chat, data, tmp_path, task)
     print(task, "greedy accuracy", sum(r["reward"] for r in records) / len(records))
 
 
-
 # ----------------------------------------------------------------------------------------------
 # Every trainer on the shape it is used with: (trainer, dataset, family, flags)
 
 ALPACA_TEMPLATE = "### Instruction:\n{instruction}\n\n### Input:\n{}\n\n### Response:\n"
-COMMON = ["--max_steps", "2", "--micro_train_batch_size", "2", "--train_batch_size", "2", "--max_len", "256", "--learning_rate", "1e-4", "--lr_warmup_ratio", "0", "--zero_stage", "2"]
+COMMON = [
+    "--max_steps",
+    "2",
+    "--micro_train_batch_size",
+    "2",
+    "--train_batch_size",
+    "2",
+    "--max_len",
+    "256",
+    "--learning_rate",
+    "1e-4",
+    "--lr_warmup_ratio",
+    "0",
+    "--zero_stage",
+    "2",
+]
 SHAPES = {
     "sft-chat-qwen2": ("rlhf.sft", "chat", "qwen2", ["--input_key", "messages", "--output_key", "None", "--apply_chat_template"]),
     "sft-chat-llama3": ("rlhf.sft", "chat", "llama3", ["--input_key", "messages", "--output_key", "None", "--apply_chat_template"]),
     "sft-openorca-llama3": ("rlhf.sft", "openorca", "llama3", ["--input_key", "question", "--output_key", "response", "--packing_samples"]),
-    "sft-alpaca-qwen2": ("rlhf.sft", "alpaca", "qwen2", ["--input_key", "input", "--output_key", "output", "--input_template", ALPACA_TEMPLATE]),
+    "sft-alpaca-qwen2": (
+        "rlhf.sft",
+        "alpaca",
+        "qwen2",
+        ["--input_key", "input", "--output_key", "output", "--input_template", ALPACA_TEMPLATE],
+    ),
     "rm-hh-llama3": ("rlhf.rm", "hh_rlhf", "llama3", ["--prompt_key", "None"]),
-    "rm-ultrafeedback-snapshot-qwen2": ("rlhf.rm", "ultrafeedback_snapshot", "qwen2", ["--train_split", "train_prefs", "--eval_split", "test_prefs", "--chosen_key", "chosen", "--rejected_key", "rejected", "--apply_chat_template"]),
-    "dpo-ultrafeedback-llama3": ("rlhf.dpo", "ultrafeedback", "llama3", ["--chosen_key", "chosen", "--rejected_key", "rejected", "--apply_chat_template", "--beta", "0.1"]),
+    "rm-ultrafeedback-snapshot-qwen2": (
+        "rlhf.rm",
+        "ultrafeedback_snapshot",
+        "qwen2",
+        [
+            "--train_split",
+            "train_prefs",
+            "--eval_split",
+            "test_prefs",
+            "--chosen_key",
+            "chosen",
+            "--rejected_key",
+            "rejected",
+            "--apply_chat_template",
+        ],
+    ),
+    "dpo-ultrafeedback-llama3": (
+        "rlhf.dpo",
+        "ultrafeedback",
+        "llama3",
+        ["--chosen_key", "chosen", "--rejected_key", "rejected", "--apply_chat_template", "--beta", "0.1"],
+    ),
     "dpo-hh-qwen2": ("rlhf.dpo", "hh_rlhf", "qwen2", ["--prompt_key", "None"]),
-    "kto-mix-llama3": ("rlhf.kto", "kto_mix", "llama3", ["--input_key", "prompt", "--output_key", "completion", "--label_key", "label", "--apply_chat_template"]),
-    "kto-mix-qwen2": ("rlhf.kto", "kto_mix", "qwen2", ["--input_key", "prompt", "--output_key", "completion", "--label_key", "label", "--apply_chat_template"]),
+    "kto-mix-llama3": (
+        "rlhf.kto",
+        "kto_mix",
+        "llama3",
+        ["--input_key", "prompt", "--output_key", "completion", "--label_key", "label", "--apply_chat_template"],
+    ),
+    "kto-mix-qwen2": (
+        "rlhf.kto",
+        "kto_mix",
+        "qwen2",
+        ["--input_key", "prompt", "--output_key", "completion", "--label_key", "label", "--apply_chat_template"],
+    ),
 }
 
 
@@ -352,10 +478,23 @@ SHAPES = {
 def test_trainer_runs_on_real_shape(families, data, tmp_path, name):
     module, shape, family, flags = SHAPES[name]
     eval_flags = ["--eval_dataset", str(data[shape])] if shape == "ultrafeedback_snapshot" else ["--eval_holdout_ratio", "0.25"]
-    run_trainer(module, [
-        "--pretrain", str(families[family]), "--dataset", str(data[shape]), *eval_flags, *COMMON, *flags,
-        "--save_path", str(tmp_path / "model"), "--ckpt_path", str(tmp_path / "ckpt"),
-    ], nproc=0)
+    run_trainer(
+        module,
+        [
+            "--pretrain",
+            str(families[family]),
+            "--dataset",
+            str(data[shape]),
+            *eval_flags,
+            *COMMON,
+            *flags,
+            "--save_path",
+            str(tmp_path / "model"),
+            "--ckpt_path",
+            str(tmp_path / "ckpt"),
+        ],
+        nproc=0,
+    )
     records = read_jsonl(tmp_path / "model" / "metrics.jsonl")
     losses = [r["loss"] for r in records if "loss" in r]
     assert len(losses) == 2 and all(loss == loss and abs(loss) < 1e3 for loss in losses), records
@@ -372,8 +511,13 @@ def test_chat_reply_ends_at_the_turn_end(llama3_chat):
     from helpers import REPO, trainer_env
 
     proc = subprocess.run(
-        [sys.executable, "-m", "rlhf.chat", str(llama3_chat), "--max_new_tokens", "40"], input="What do bees make?\n/exit\n",
-        cwd=REPO, env=trainer_env(), capture_output=True, text=True, timeout=300,
+        [sys.executable, "-m", "rlhf.chat", str(llama3_chat), "--max_new_tokens", "40"],
+        input="What do bees make?\n/exit\n",
+        cwd=REPO,
+        env=trainer_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     [reply] = [line for line in proc.stdout.splitlines() if line.startswith("User: Assistant: ") or line.startswith("Assistant: ")]
@@ -407,10 +551,19 @@ def test_grpo_on_prompt_collection_with_a_padded_vocab(families, data, tmp_path,
     logits: about one token in six is an id no tokenizer decodes): rollouts, rewards and the update
     still go through."""
     extra = ["--rollout_backend", "vllm", "--vllm_kv_cache_mb", "64"] if backend == "vllm" else []
-    run_trainer("rlhf.ppo", [
-        *rl_args(families["qwen2"], data, tmp_path, "--max_steps", "1", "--eval_prompt_data", "None", "--eval_every", "5", *extra),
-        "--prompt_data", str(data["prompt_collection"]), "--label_key", "None", "--generate_max_len", "16",
-    ], nproc=1)
+    run_trainer(
+        "rlhf.ppo",
+        [
+            *rl_args(families["qwen2"], data, tmp_path, "--max_steps", "1", "--eval_prompt_data", "None", "--eval_every", "5", *extra),
+            "--prompt_data",
+            str(data["prompt_collection"]),
+            "--label_key",
+            "None",
+            "--generate_max_len",
+            "16",
+        ],
+        nproc=1,
+    )
     [record] = [r for r in read_jsonl(tmp_path / "model" / "metrics.jsonl") if "reward" in r]
     assert record["response_length"] > 0 and record["reward"] == 0.0, record  # no labels: the reward file gives 0
 
@@ -423,7 +576,11 @@ def test_scored_responses_continue_the_prompt_without_a_second_bos(families):
     from rlhf.generate import responses_from_row
 
     tok = load_tok(families["llama3"])
-    [prompt] = tokenize_prompts([{"q": "What do bees make?", "a": "Bees make honey."}], tok, PromptDataConfig(input_key="q", label_key=None, apply_chat_template=True))
+    [prompt] = tokenize_prompts(
+        [{"q": "What do bees make?", "a": "Bees make honey."}],
+        tok,
+        PromptDataConfig(input_key="q", label_key=None, apply_chat_template=True),
+    )
     ids = prompt.ids + responses_from_row(prompt, "a", tok)
     assert ids.count(tok.bos_token_id) == 1 and ids[0] == tok.bos_token_id
     assert tok.decode(ids[len(prompt.ids) :]) == "Bees make honey." + tok.eos_token

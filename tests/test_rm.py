@@ -7,19 +7,33 @@ import shutil
 
 import pytest
 import torch
-from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
 from helpers import ZERO3_FORCE_GATHER, error_lines, read_jsonl, run_trainer
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 
 def rm_args(pretrain, out, *extra):
     return [
-        "--pretrain", str(pretrain),
-        "--dataset", "embedded:arith/prefs_train.jsonl",
-        "--eval_dataset", "embedded:arith/prefs_eval.jsonl",
-        "--max_len", "32", "--micro_train_batch_size", "8", "--train_batch_size", "32",
-        "--learning_rate", "5e-4", "--lr_warmup_ratio", "0",
-        "--save_path", str(out / "model"), "--ckpt_path", str(out / "ckpt"), *extra,
+        "--pretrain",
+        str(pretrain),
+        "--dataset",
+        "embedded:arith/prefs_train.jsonl",
+        "--eval_dataset",
+        "embedded:arith/prefs_eval.jsonl",
+        "--max_len",
+        "32",
+        "--micro_train_batch_size",
+        "8",
+        "--train_batch_size",
+        "32",
+        "--learning_rate",
+        "5e-4",
+        "--lr_warmup_ratio",
+        "0",
+        "--save_path",
+        str(out / "model"),
+        "--ckpt_path",
+        str(out / "ckpt"),
+        *extra,
     ]
 
 
@@ -48,7 +62,9 @@ def test_rm_loads_as_a_sequence_classifier_and_scores_as_in_training(trained_rm)
     model = AutoModelForSequenceClassification.from_pretrained(trained_rm, dtype=torch.float32).eval()
     assert model.config.num_labels == 1
     tokenizer = AutoTokenizer.from_pretrained(trained_rm)
-    pairs = tokenize_pairs(load_mixture("embedded:arith/prefs_eval.jsonl", None, "test", 10**9, 42), tokenizer, PreferenceDataConfig(max_len=32))
+    pairs = tokenize_pairs(
+        load_mixture("embedded:arith/prefs_eval.jsonl", None, "test", 10**9, 42), tokenizer, PreferenceDataConfig(max_len=32)
+    )
     batch = collate_pairs(pairs, tokenizer.pad_token_id)
     with torch.no_grad():
         rewards = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.squeeze(-1).double()
@@ -73,11 +89,21 @@ def test_rm_zero_stages_agree(sft_tiny_model, tmp_path, stage):
 
 def test_rm_resume_equals_uninterrupted(sft_tiny_model, tmp_path):
     straight = tmp_path / "straight"
-    run_trainer("rlhf.rm", rm_args(sft_tiny_model, straight, "--zero_stage", "2", "--max_steps", "4", "--save_steps", "2", "--max_samples", "256"))
+    run_trainer(
+        "rlhf.rm", rm_args(sft_tiny_model, straight, "--zero_stage", "2", "--max_steps", "4", "--save_steps", "2", "--max_samples", "256")
+    )
     ckpt = tmp_path / "ckpt"
     shutil.copytree(straight / "ckpt", ckpt)
     resumed = tmp_path / "resumed"
-    run_trainer("rlhf.rm", [*rm_args(sft_tiny_model, resumed, "--zero_stage", "2", "--max_steps", "4", "--max_samples", "256"), "--ckpt_path", str(ckpt), "--load_checkpoint"])
+    run_trainer(
+        "rlhf.rm",
+        [
+            *rm_args(sft_tiny_model, resumed, "--zero_stage", "2", "--max_steps", "4", "--max_samples", "256"),
+            "--ckpt_path",
+            str(ckpt),
+            "--load_checkpoint",
+        ],
+    )
     full = [r["loss"] for r in read_jsonl(straight / "model" / "metrics.jsonl") if "loss" in r]
     tail = [r["loss"] for r in read_jsonl(resumed / "model" / "metrics.jsonl") if "loss" in r]
     assert tail == pytest.approx(full[2:], abs=1e-6)
@@ -85,7 +111,8 @@ def test_rm_resume_equals_uninterrupted(sft_tiny_model, tmp_path):
 
 HH_ROWS = [
     {"chosen": f"\n\nHuman: what is {a}+{b}?\n\nAssistant: {a + b}", "rejected": f"\n\nHuman: what is {a}+{b}?\n\nAssistant: {a + b + 1}"}
-    for a in range(8) for b in range(8)
+    for a in range(8)
+    for b in range(8)
 ]
 ULTRAFEEDBACK_ROWS = [
     {
@@ -93,7 +120,8 @@ ULTRAFEEDBACK_ROWS = [
         "chosen": [{"role": "user", "content": f"{a}+{b}="}, {"role": "assistant", "content": str(a + b)}],
         "rejected": [{"role": "user", "content": f"{a}+{b}="}, {"role": "assistant", "content": str(a + b + 2)}],
     }
-    for a in range(8) for b in range(8)
+    for a in range(8)
+    for b in range(8)
 ]
 
 
@@ -120,7 +148,23 @@ def test_rm_on_public_dataset_shapes(sft_tiny_model, tmp_path, shape):
 def test_rm_bad_input(tmp_path, rows, expected):
     data = tmp_path / "bad.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    proc = run_trainer("rlhf.rm", ["--dataset", str(data), "--max_len", "32", "--train_batch_size", "8", "--micro_train_batch_size", "8", "--save_path", str(tmp_path / "out")], nproc=0, check=False)
+    proc = run_trainer(
+        "rlhf.rm",
+        [
+            "--dataset",
+            str(data),
+            "--max_len",
+            "32",
+            "--train_batch_size",
+            "8",
+            "--micro_train_batch_size",
+            "8",
+            "--save_path",
+            str(tmp_path / "out"),
+        ],
+        nproc=0,
+        check=False,
+    )
     lines = error_lines(proc.stderr)
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-2000:]
     assert "bad.jsonl:1" in lines[0] and expected in lines[0]

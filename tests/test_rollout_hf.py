@@ -17,7 +17,9 @@ def test_ignore_eos_generates_exactly_the_max_length(sft_tiny_model):
     assert all(stopping.finished) and max(len(r) for r in stopping.responses) < 12
     assert all(r[-1] == tokenizer.eos_token_id for r in stopping.responses)
 
-    forced = HFGenerator(model, tokenizer, RolloutConfig(generate_max_len=12, micro_rollout_batch_size=16, ignore_eos=True)).generate(prompts)
+    forced = HFGenerator(model, tokenizer, RolloutConfig(generate_max_len=12, micro_rollout_batch_size=16, ignore_eos=True)).generate(
+        prompts
+    )
     assert [len(r) for r in forced.responses] == [12] * 16 and not any(forced.finished)
     assert all(tokenizer.eos_token_id not in r for r in forced.responses)
 
@@ -38,8 +40,16 @@ def test_actor_logprobs_at_the_sampling_temperature_equal_the_samplers(sft_tiny_
     prompt = load_prompts("embedded:arith/prompts_eval.jsonl", None, tokenizer, PromptDataConfig(), 0)[0].ids
     torch.manual_seed(0)
     out = model.generate(
-        input_ids=torch.tensor([prompt] * 8), do_sample=True, temperature=0.7, top_k=0, top_p=1.0, max_new_tokens=4,
-        min_new_tokens=4, output_scores=True, return_dict_in_generate=True, pad_token_id=tokenizer.pad_token_id,
+        input_ids=torch.tensor([prompt] * 8),
+        do_sample=True,
+        temperature=0.7,
+        top_k=0,
+        top_p=1.0,
+        max_new_tokens=4,
+        min_new_tokens=4,
+        output_scores=True,
+        return_dict_in_generate=True,
+        pad_token_id=tokenizer.pad_token_id,
     )
     response = out.sequences[:, len(prompt) :]  # [8, 4]; min_new_tokens: no EOS, no padding
     scores = torch.stack(out.scores, dim=1).float()  # [8, 4, V] as sampled from (EOS masked by min_new_tokens)

@@ -7,24 +7,34 @@ import shutil
 
 import pytest
 import torch
+from helpers import ZERO3_FORCE_GATHER, read_jsonl, run_trainer
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from helpers import ZERO3_FORCE_GATHER, read_jsonl, run_trainer
-
 # A short run: 4 optimizer steps of 32 samples (2 ranks x micro 8 x accumulation 2), fp32.
 SHORT = [
-    "--pretrain", "embedded:tiny-qwen2",
-    "--dataset", "embedded:arith/sft_train.jsonl",
-    "--eval_dataset", "embedded:arith/sft_eval.jsonl",
-    "--max_samples", "256",
-    "--max_len", "32",
-    "--micro_train_batch_size", "8",
-    "--train_batch_size", "32",
-    "--max_steps", "4",
-    "--learning_rate", "2e-3",
-    "--lr_warmup_ratio", "0",
-    "--eval_steps", "2",
+    "--pretrain",
+    "embedded:tiny-qwen2",
+    "--dataset",
+    "embedded:arith/sft_train.jsonl",
+    "--eval_dataset",
+    "embedded:arith/sft_eval.jsonl",
+    "--max_samples",
+    "256",
+    "--max_len",
+    "32",
+    "--micro_train_batch_size",
+    "8",
+    "--train_batch_size",
+    "32",
+    "--max_steps",
+    "4",
+    "--learning_rate",
+    "2e-3",
+    "--lr_warmup_ratio",
+    "0",
+    "--eval_steps",
+    "2",
 ]
 
 
@@ -72,10 +82,10 @@ def test_export_reloads_with_plain_transformers_and_equal_eval_loss(zero0_run):
     final_eval = [r["eval_loss"] for r in read_jsonl(model_dir / "metrics.jsonl") if "eval_loss" in r][-1]
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    from rlhf.algos.losses import sft_nll_sum
     from rlhf.config import DataConfig
     from rlhf.data.sft import collate_padded, tokenize_sft
     from rlhf.data.sources import load_mixture
-    from rlhf.algos.losses import sft_nll_sum
 
     rows = load_mixture("embedded:arith/sft_eval.jsonl", None, "test", 256, 42)  # as --max_samples 256 --seed 42
     samples = tokenize_sft(rows, tokenizer, DataConfig(max_len=32))
@@ -115,9 +125,36 @@ def test_kill_during_saves_leaves_a_loadable_checkpoint(tmp_path):
     ckpt = tmp_path / "ckpt"
 
     def job(max_steps: int, save_path) -> list[str]:
-        return [*SHORT, "--zero_stage", "2", "--max_epochs", "100", "--max_steps", str(max_steps), "--save_steps", "1", "--max_ckpt_num", "2", "--eval_steps", "1000", "--save_path", str(save_path), "--ckpt_path", str(ckpt)]
+        return [
+            *SHORT,
+            "--zero_stage",
+            "2",
+            "--max_epochs",
+            "100",
+            "--max_steps",
+            str(max_steps),
+            "--save_steps",
+            "1",
+            "--max_ckpt_num",
+            "2",
+            "--eval_steps",
+            "1000",
+            "--save_path",
+            str(save_path),
+            "--ckpt_path",
+            str(ckpt),
+        ]
 
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "rlhf.sft", *job(400, tmp_path / "model")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "rlhf.sft",
+        *job(400, tmp_path / "model"),
+    ]
     proc = subprocess.Popen(cmd, cwd=REPO, env=trainer_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.time() + 240
@@ -158,16 +195,47 @@ def test_preemption_warning_saves_at_the_next_step_and_exits_for_a_retry(tmp_pat
     import time
 
     import psutil
-
     from helpers import REPO, trainer_env
 
     def job(save_path, ckpt, max_steps=300) -> list[str]:  # constant LR: the schedule does not depend on max_steps
-        return [*SHORT, "--zero_stage", "2", "--max_epochs", "100", "--max_steps", str(max_steps), "--lr_scheduler", "constant_with_warmup", "--lr_warmup_ratio", "0",
-                "--save_steps", "0", "--eval_steps", "1000", "--logging_steps", "1", "--save_path", str(save_path), "--ckpt_path", str(ckpt)]
+        return [
+            *SHORT,
+            "--zero_stage",
+            "2",
+            "--max_epochs",
+            "100",
+            "--max_steps",
+            str(max_steps),
+            "--lr_scheduler",
+            "constant_with_warmup",
+            "--lr_warmup_ratio",
+            "0",
+            "--save_steps",
+            "0",
+            "--eval_steps",
+            "1000",
+            "--logging_steps",
+            "1",
+            "--save_path",
+            str(save_path),
+            "--ckpt_path",
+            str(ckpt),
+        ]
 
     ckpt = tmp_path / "ckpt"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "rlhf.sft", *job(tmp_path / "warned", ckpt)]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=trainer_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "rlhf.sft",
+        *job(tmp_path / "warned", ckpt),
+    ]
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, env=trainer_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
     metrics = tmp_path / "warned" / "metrics.jsonl"
     deadline = time.time() + 240
     while not (metrics.exists() and len(read_jsonl(metrics)) >= 3) and time.time() < deadline and proc.poll() is None:

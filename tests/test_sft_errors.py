@@ -7,9 +7,9 @@ import shutil
 from pathlib import Path
 
 import pytest
+from helpers import error_lines, run_trainer
 
 import rlhf
-from helpers import error_lines, run_trainer
 
 TINY = Path(rlhf.__file__).parent / "assets" / "tiny-qwen2"
 
@@ -34,17 +34,35 @@ def tiny_without_chat_template(tmp_path: Path) -> str:
 
 
 CASES = {
-    "missing key": (lambda t: ["--dataset", write_jsonl(t / "d.jsonl", [{"input": "1+1=", "answer": "2"}] * 40)], "field 'output' is missing"),
+    "missing key": (
+        lambda t: ["--dataset", write_jsonl(t / "d.jsonl", [{"input": "1+1=", "answer": "2"}] * 40)],
+        "field 'output' is missing",
+    ),
     "empty dataset": (lambda t: ["--dataset", write_jsonl(t / "d.jsonl", [])], "is empty"),
-    "malformed json line": (lambda t: ["--dataset", write_jsonl(t / "d.jsonl", [GOOD_ROWS[0], '{"input": "2+2=", "output": ', GOOD_ROWS[1]])], "d.jsonl:2: malformed JSON"),
+    "malformed json line": (
+        lambda t: ["--dataset", write_jsonl(t / "d.jsonl", [GOOD_ROWS[0], '{"input": "2+2=", "output": ', GOOD_ROWS[1]])],
+        "d.jsonl:2: malformed JSON",
+    ),
     "prompt longer than max_len": (
         lambda t: ["--dataset", write_jsonl(t / "d.jsonl", GOOD_ROWS + [{"input": "1+" * 40 + "1=", "output": "41"}]), "--no-truncate"],
         "d.jsonl:41",
     ),
-    "no chat template": (lambda t: ["--pretrain", tiny_without_chat_template(t), "--apply_chat_template", "--dataset", write_jsonl(t / "d.jsonl", GOOD_ROWS)], "chat template"),
+    "no chat template": (
+        lambda t: [
+            "--pretrain",
+            tiny_without_chat_template(t),
+            "--apply_chat_template",
+            "--dataset",
+            write_jsonl(t / "d.jsonl", GOOD_ROWS),
+        ],
+        "chat template",
+    ),
     "model path missing": (lambda t: ["--pretrain", str(t / "no-such-model")], "no-such-model: no such model folder"),
     "4-bit without lora": (lambda t: ["--load_in_4bit"], "--load_in_4bit (QLoRA) needs --lora_rank > 0"),
-    "batch does not divide": (lambda t: ["--train_batch_size", "30", "--micro_train_batch_size", "8"], "--train_batch_size 30 must be a multiple"),
+    "batch does not divide": (
+        lambda t: ["--train_batch_size", "30", "--micro_train_batch_size", "8"],
+        "--train_batch_size 30 must be a multiple",
+    ),
     "flash attention on cpu": (lambda t: ["--flash_attn", "--bf16"], "--flash_attn needs a CUDA GPU"),
     "unknown zero stage": (lambda t: ["--zero_stage", "4"], "--zero_stage"),
     "unknown flag": (lambda t: ["--no_such_flag", "1"], "unknown option(s) --no_such_flag"),
@@ -56,7 +74,19 @@ CASES = {
 def test_bad_input_gives_one_clear_line(tmp_path, case):
     make_args, expected = CASES[case]
     out = tmp_path / "out"
-    args = ["--max_len", "32", "--micro_train_batch_size", "8", "--train_batch_size", "8", "--max_steps", "1", "--save_path", str(out), *make_args(tmp_path)]
+    args = [
+        "--max_len",
+        "32",
+        "--micro_train_batch_size",
+        "8",
+        "--train_batch_size",
+        "8",
+        "--max_steps",
+        "1",
+        "--save_path",
+        str(out),
+        *make_args(tmp_path),
+    ]
     proc = run_trainer("rlhf.sft", args, nproc=0, check=False, timeout=300)
     lines = error_lines(proc.stderr)
     assert proc.returncode == 2, proc.stderr[-3000:]

@@ -6,22 +6,30 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import read_jsonl, run_trainer
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import rlhf
-from helpers import read_jsonl, run_trainer
 
 TINY = Path(rlhf.__file__).parent / "assets" / "tiny-qwen2"
 
 BASE = [
-    "--pretrain", "embedded:tiny-qwen2",
-    "--max_len", "48",
-    "--micro_train_batch_size", "8",
-    "--train_batch_size", "16",
-    "--max_samples", "320",
-    "--learning_rate", "3e-3",
-    "--lr_warmup_ratio", "0",
-    "--eval_holdout_ratio", "0",
+    "--pretrain",
+    "embedded:tiny-qwen2",
+    "--max_len",
+    "48",
+    "--micro_train_batch_size",
+    "8",
+    "--train_batch_size",
+    "16",
+    "--max_samples",
+    "320",
+    "--learning_rate",
+    "3e-3",
+    "--lr_warmup_ratio",
+    "0",
+    "--eval_holdout_ratio",
+    "0",
 ]
 
 
@@ -42,7 +50,19 @@ def assert_loss_falls(records: list[dict], factor: float) -> None:
 
 
 def test_lora_trains_and_exports_an_adapter(tmp_path):
-    records = run_sft(tmp_path, "--dataset", "embedded:arith/sft_train.jsonl", "--lora_rank", "8", "--lora_alpha", "16", "--learning_rate", "1e-2", "--max_steps", "30")
+    records = run_sft(
+        tmp_path,
+        "--dataset",
+        "embedded:arith/sft_train.jsonl",
+        "--lora_rank",
+        "8",
+        "--lora_alpha",
+        "16",
+        "--learning_rate",
+        "1e-2",
+        "--max_steps",
+        "30",
+    )
     # Adapters on a random-init base with frozen embeddings learn slowly: measured 0.82 x.
     assert_loss_falls(records, 0.86)
     adapter = tmp_path / "model"
@@ -60,7 +80,22 @@ def test_lora_trains_and_exports_an_adapter(tmp_path):
 
 def test_qlora_trains(tmp_path):
     pytest.importorskip("bitsandbytes")
-    records = run_sft(tmp_path, "--dataset", "embedded:arith/sft_train.jsonl", "--load_in_4bit", "--lora_rank", "8", "--lora_alpha", "16", "--learning_rate", "1e-2", "--max_steps", "30", "--zero_stage", "2")
+    records = run_sft(
+        tmp_path,
+        "--dataset",
+        "embedded:arith/sft_train.jsonl",
+        "--load_in_4bit",
+        "--lora_rank",
+        "8",
+        "--lora_alpha",
+        "16",
+        "--learning_rate",
+        "1e-2",
+        "--max_steps",
+        "30",
+        "--zero_stage",
+        "2",
+    )
     assert_loss_falls(records, 0.86)  # measured 0.82 x, as full-precision LoRA
 
 
@@ -70,27 +105,60 @@ def test_packing_trains_and_matches_token_count(tmp_path):
 
 
 def test_continued_pretraining(tmp_path):
-    records = run_sft(tmp_path, "--dataset", "embedded:arith/pretrain.jsonl", "--pretrain_mode", "--input_key", "text", "--max_steps", "8", "--max_len", "64")
+    records = run_sft(
+        tmp_path,
+        "--dataset",
+        "embedded:arith/pretrain.jsonl",
+        "--pretrain_mode",
+        "--input_key",
+        "text",
+        "--max_steps",
+        "8",
+        "--max_len",
+        "64",
+    )
     assert_loss_falls(records, 0.8)
 
 
 def test_conditional_sft_with_chat_template(tmp_path):
     records = run_sft(
         tmp_path,
-        "--dataset", "embedded:arith/conditional_train.jsonl",
-        "--score_key", "score", "--apply_chat_template", "--max_steps", "8", "--max_len", "64",
+        "--dataset",
+        "embedded:arith/conditional_train.jsonl",
+        "--score_key",
+        "score",
+        "--apply_chat_template",
+        "--max_steps",
+        "8",
+        "--max_len",
+        "64",
     )
     assert_loss_falls(records, 0.8)
 
 
 def test_multiturn_chat_sft(tmp_path):
-    records = run_sft(tmp_path, "--dataset", "embedded:arith/chat_train.jsonl", "--input_key", "messages", "--output_key", "None", "--apply_chat_template", "--max_steps", "8", "--max_len", "96")
+    records = run_sft(
+        tmp_path,
+        "--dataset",
+        "embedded:arith/chat_train.jsonl",
+        "--input_key",
+        "messages",
+        "--output_key",
+        "None",
+        "--apply_chat_template",
+        "--max_steps",
+        "8",
+        "--max_len",
+        "96",
+    )
     assert_loss_falls(records, 0.8)
 
 
 def test_gradient_checkpointing_gives_the_same_losses(tmp_path):
     plain = run_sft(tmp_path / "a", "--dataset", "embedded:arith/sft_train.jsonl", "--max_steps", "3", "--zero_stage", "0")
-    ckpt = run_sft(tmp_path / "b", "--dataset", "embedded:arith/sft_train.jsonl", "--max_steps", "3", "--zero_stage", "0", "--gradient_checkpointing")
+    ckpt = run_sft(
+        tmp_path / "b", "--dataset", "embedded:arith/sft_train.jsonl", "--max_steps", "3", "--zero_stage", "0", "--gradient_checkpointing"
+    )
     assert train_losses(ckpt) == pytest.approx(train_losses(plain), abs=1e-5)
 
 
@@ -100,15 +168,35 @@ def test_moe_router_loss(tmp_path):
 
     tokenizer = AutoTokenizer.from_pretrained(TINY)
     config = MixtralConfig(
-        vocab_size=len(tokenizer) + (-len(tokenizer)) % 8, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, bos_token_id=None,
+        vocab_size=len(tokenizer) + (-len(tokenizer)) % 8,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=None,
     )
     torch.manual_seed(0)
     folder = tmp_path / "tiny-mixtral"
     MixtralForCausalLM(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
-    records = run_sft(tmp_path, "--pretrain", str(folder), "--dataset", "embedded:arith/sft_train.jsonl", "--aux_loss_coef", "0.01", "--learning_rate", "1e-2", "--max_steps", "10")
+    records = run_sft(
+        tmp_path,
+        "--pretrain",
+        str(folder),
+        "--dataset",
+        "embedded:arith/sft_train.jsonl",
+        "--aux_loss_coef",
+        "0.01",
+        "--learning_rate",
+        "1e-2",
+        "--max_steps",
+        "10",
+    )
     aux = [r["aux_loss"] for r in records if "aux_loss" in r]
     assert len(aux) == 10 and all(a > 0 for a in aux)
     assert_loss_falls(records, 0.8)
@@ -117,7 +205,17 @@ def test_moe_router_loss(tmp_path):
 def test_wandb_offline_run_holds_the_metrics(tmp_path):
     wandb_dir = tmp_path / "wandb-root"
     wandb_dir.mkdir()
-    run_sft(tmp_path, "--dataset", "embedded:arith/sft_train.jsonl", "--max_steps", "3", "--use_wandb", "--wandb_project", "rlhf-test", env={"WANDB_MODE": "offline", "WANDB_DIR": str(wandb_dir)})
+    run_sft(
+        tmp_path,
+        "--dataset",
+        "embedded:arith/sft_train.jsonl",
+        "--max_steps",
+        "3",
+        "--use_wandb",
+        "--wandb_project",
+        "rlhf-test",
+        env={"WANDB_MODE": "offline", "WANDB_DIR": str(wandb_dir)},
+    )
     runs = list(wandb_dir.rglob("offline-run-*"))
     assert runs, f"no offline run under {wandb_dir}"
     files = list(runs[0].glob("*.wandb"))
@@ -150,7 +248,19 @@ def test_sft_preset_learns_addition(sft_teacher_model):
 def test_logged_lr_is_the_rate_the_step_used(tmp_path):
     """Linear warm-up over 2 of 4 steps starts at 0, so step 1 updates nothing: the log says lr 0
     there, then half the peak, then the peak (each step's own rate, not the next step's)."""
-    records = run_sft(tmp_path, "--max_steps", "4", "--lr_warmup_ratio", "0.5", "--lr_scheduler", "constant_with_warmup", "--learning_rate", "1e-3", "--eval_steps", "-1")
+    records = run_sft(
+        tmp_path,
+        "--max_steps",
+        "4",
+        "--lr_warmup_ratio",
+        "0.5",
+        "--lr_scheduler",
+        "constant_with_warmup",
+        "--learning_rate",
+        "1e-3",
+        "--eval_steps",
+        "-1",
+    )
     steps = [r for r in records if "loss" in r]
     assert [r["lr"] for r in steps] == pytest.approx([0.0, 5e-4, 1e-3, 1e-3])
 

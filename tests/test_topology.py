@@ -10,7 +10,14 @@ from rlhf.errors import UserError
 def test_torchrun_env():
     env = {"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "3", "MASTER_ADDR": "node1", "MASTER_PORT": "1234"}
     launch = read_launch_env(env)
-    assert (launch.rank, launch.world_size, launch.local_rank, launch.master_addr, launch.master_port, launch.launcher) == (3, 8, 3, "node1", 1234, "torchrun")
+    assert (launch.rank, launch.world_size, launch.local_rank, launch.master_addr, launch.master_port, launch.launcher) == (
+        3,
+        8,
+        3,
+        "node1",
+        1234,
+        "torchrun",
+    )
 
 
 def test_torchrun_env_without_master_is_an_error():

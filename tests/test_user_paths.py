@@ -28,7 +28,9 @@ def test_hub_snapshot_split_names_keep_their_underscore(tmp_path):
     snapshot = tmp_path / "ultrafeedback_binarized"
     for split in ("train_prefs", "test_prefs", "train_sft"):
         (snapshot / "data").mkdir(parents=True, exist_ok=True)
-        pq.write_table(pa.Table.from_pylist([{"t": f"{split} {i}"} for i in range(2)]), snapshot / "data" / f"{split}-00000-of-00001.parquet")
+        pq.write_table(
+            pa.Table.from_pylist([{"t": f"{split} {i}"} for i in range(2)]), snapshot / "data" / f"{split}-00000-of-00001.parquet"
+        )
     assert texts(load_rows(str(snapshot), "train_prefs")) == ["train_prefs 0", "train_prefs 1"]
     assert texts(load_rows(str(snapshot), "test_prefs")) == ["test_prefs 0", "test_prefs 1"]
     # 'train' would mix two different datasets (prefs and sft): it must be named in full.
@@ -50,13 +52,13 @@ def test_plain_split_file_names_still_work(tmp_path):
     assert texts(load_rows(str(other), "train_data")) == ["d"]
 
 
-OPENRLHF_REWARD_FILE = '''
+OPENRLHF_REWARD_FILE = """
 import torch
 
 def reward_func(queries, prompts, labels):
     # OpenRLHF's convention: a query is the prompt followed by the response
     return torch.tensor([float(q == p + str(y)) for q, p, y in zip(queries, prompts, labels)])
-'''
+"""
 
 
 def test_remote_rm_url_takes_an_openrlhf_reward_file(tmp_path):
@@ -68,7 +70,9 @@ def test_remote_rm_url_takes_an_openrlhf_reward_file(tmp_path):
     rewards = source(["1+1=", "2+2="], ["2", "5"], [2, 4])
     assert rewards.tolist() == [1.0, 0.0]
     # OpenRLHF's newer files return a dict; its "rewards" are the rewards.
-    path.write_text("def reward_func(queries, prompts, labels):\n    return {'rewards': [0.5] * len(queries), 'scores': [1] * len(queries)}\n")
+    path.write_text(
+        "def reward_func(queries, prompts, labels):\n    return {'rewards': [0.5] * len(queries), 'scores': [1] * len(queries)}\n"
+    )
     assert remote_reward(str(path), 1.0, 0)(["p"], ["r"], [None]).tolist() == [0.5]
     assert isinstance(remote_reward("http://localhost:5000/get_reward", 1.0, 0), RemoteReward)
 
@@ -123,10 +127,33 @@ def test_packing_keeps_the_pairs_per_optimizer_step():
 
 def tiny_ppo_args(tmp_path: Path, *extra: str) -> list[str]:
     return [
-        "--pretrain", "embedded:tiny-qwen2", "--advantage_estimator", "group_norm", "--n_samples_per_prompt", "2",
-        "--rollout_batch_size", "4", "--micro_rollout_batch_size", "8", "--train_batch_size", "8", "--micro_train_batch_size", "8",
-        "--generate_max_len", "3", "--zero_stage", "0", "--max_steps", "2", "--eval_every", "1",
-        "--save_path", str(tmp_path / "model"), "--ckpt_path", str(tmp_path / "ckpt"), *extra,
+        "--pretrain",
+        "embedded:tiny-qwen2",
+        "--advantage_estimator",
+        "group_norm",
+        "--n_samples_per_prompt",
+        "2",
+        "--rollout_batch_size",
+        "4",
+        "--micro_rollout_batch_size",
+        "8",
+        "--train_batch_size",
+        "8",
+        "--micro_train_batch_size",
+        "8",
+        "--generate_max_len",
+        "3",
+        "--zero_stage",
+        "0",
+        "--max_steps",
+        "2",
+        "--eval_every",
+        "1",
+        "--save_path",
+        str(tmp_path / "model"),
+        "--ckpt_path",
+        str(tmp_path / "ckpt"),
+        *extra,
     ]
 
 
@@ -137,13 +164,29 @@ def test_ppo_with_own_prompts_reward_file_and_holdout_eval(tmp_path):
     from helpers import read_jsonl, run_trainer
 
     write_jsonl(tmp_path / "prompts.jsonl", [{"question": f"{i}+{i}=", "answer": str(2 * i)} for i in range(20)])
-    (tmp_path / "reward.py").write_text("import torch\n\ndef reward_func(queries, prompts, labels):\n    return torch.tensor([float(len(q) - len(p)) for q, p in zip(queries, prompts)])\n")
+    (tmp_path / "reward.py").write_text(
+        "import torch\n\ndef reward_func(queries, prompts, labels):\n    return "
+        "torch.tensor([float(len(q) - len(p)) for q, p in zip(queries, prompts)])\n"
+    )
     old = tmp_path / "model" / "metrics.jsonl"
     write_jsonl(old, [{"step": 7, "eval_reward": 0.99, "time": 1.0}])
-    proc = run_trainer("rlhf.ppo", tiny_ppo_args(
-        tmp_path, "--prompt_data", str(tmp_path / "prompts.jsonl"), "--input_key", "question", "--label_key", "answer",
-        "--remote_rm_url", str(tmp_path / "reward.py"), "--eval_holdout_ratio", "0.25",
-    ), nproc=0)
+    proc = run_trainer(
+        "rlhf.ppo",
+        tiny_ppo_args(
+            tmp_path,
+            "--prompt_data",
+            str(tmp_path / "prompts.jsonl"),
+            "--input_key",
+            "question",
+            "--label_key",
+            "answer",
+            "--remote_rm_url",
+            str(tmp_path / "reward.py"),
+            "--eval_holdout_ratio",
+            "0.25",
+        ),
+        nproc=0,
+    )
     records = read_jsonl(old)
     assert [r["step"] for r in records if "eval_reward" in r] == [0, 1, 2]  # the old run's step 7 is gone
     assert all(r["step"] <= 2 for r in records)

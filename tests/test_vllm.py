@@ -6,7 +6,6 @@ import re
 import sys
 
 import pytest
-
 from helpers import REPO, ZERO3_FORCE_GATHER, error_lines, read_jsonl, run_trainer, trainer_env
 
 
@@ -21,7 +20,22 @@ def test_vllm_greedy_equals_transformers_before_and_after_a_weight_sync(sft_tiny
     equal again. See tests/vllm_parity.py."""
     import subprocess
 
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "tests/vllm_parity.py", "--tp", str(tp), "--lora", str(lora), "--zero", str(zero), "--sft", str(sft_tiny_model)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "tests/vllm_parity.py",
+        "--tp",
+        str(tp),
+        "--lora",
+        str(lora),
+        "--zero",
+        str(zero),
+        "--sft",
+        str(sft_tiny_model),
+    ]
     proc = subprocess.run(cmd, cwd=REPO, env=trainer_env(), capture_output=True, text=True, timeout=600)
     lines = re.findall(r"rank \d: \d+ prompts, .*?one log-prob per token: (?:True|False)", proc.stdout)  # robust to interleaving
     assert proc.returncode == 0 and len(lines) == 2, proc.stdout[-3000:] + proc.stderr[-5000:]
@@ -29,7 +43,19 @@ def test_vllm_greedy_equals_transformers_before_and_after_a_weight_sync(sft_tiny
 
 
 def grpo_args(sft, out, *extra):
-    return ["--config", "configs/grpo_tiny.yaml", "--pretrain", str(sft), "--rollout_backend", "vllm", "--save_path", str(out / "model"), "--ckpt_path", str(out / "ckpt"), *extra]
+    return [
+        "--config",
+        "configs/grpo_tiny.yaml",
+        "--pretrain",
+        str(sft),
+        "--rollout_backend",
+        "vllm",
+        "--save_path",
+        str(out / "model"),
+        "--ckpt_path",
+        str(out / "ckpt"),
+        *extra,
+    ]
 
 
 @pytest.mark.parametrize(
@@ -49,7 +75,9 @@ def test_ppo_steps_generate_with_the_current_actor(sft_tiny_model, tmp_path, ext
     on the training forward (no separate behaviour forward). At temperature 0.7 vLLM reports the
     log-probs of the tempered distribution it sampled from and the actor's are taken at the same
     temperature, so the gap stays as small as at 1."""
-    run_trainer("rlhf.ppo", grpo_args(sft_tiny_model, tmp_path, "--max_steps", "3", "--eval_prompt_data", "None", "--learning_rate", "1e-3", *extra))
+    run_trainer(
+        "rlhf.ppo", grpo_args(sft_tiny_model, tmp_path, "--max_steps", "3", "--eval_prompt_data", "None", "--learning_rate", "1e-3", *extra)
+    )
     records = [r for r in read_jsonl(tmp_path / "model" / "metrics.jsonl") if "reward" in r]
     assert len(records) == 3 and records[-1]["kl"] > 0.05, records  # the policy moved away from the start
     for r in records:
@@ -70,8 +98,14 @@ def test_grpo_with_vllm_learns_like_hf(sft_teacher_model, tmp_path):
 @pytest.mark.parametrize(
     "extra, expected",
     [
-        (["--actor_num_gpus_per_node", "1", "--ref_num_gpus_per_node", "1"], "--rollout_backend vllm runs vLLM inside every rank: use the colocated placement"),
-        (["--vllm_num_engines", "2", "--vllm_tensor_parallel_size", "2"], "--vllm_num_engines 2 x --vllm_tensor_parallel_size 2 must equal the 2 ranks"),
+        (
+            ["--actor_num_gpus_per_node", "1", "--ref_num_gpus_per_node", "1"],
+            "--rollout_backend vllm runs vLLM inside every rank: use the colocated placement",
+        ),
+        (
+            ["--vllm_num_engines", "2", "--vllm_tensor_parallel_size", "2"],
+            "--vllm_num_engines 2 x --vllm_tensor_parallel_size 2 must equal the 2 ranks",
+        ),
         (["--rollout_backend", "hf", "--vllm_is_truncation", "2"], "--vllm_is_truncation needs --rollout_backend vllm"),
     ],
     ids=["split placement", "engines x tp != world", "IS correction without vllm"],

@@ -44,7 +44,15 @@ def main() -> None:
     actor = TrainEngine(load_causal_lm(model_cfg), train_cfg, bf16=False, total_steps=1, dp_size=launch.world_size)
     rollout = RolloutConfig(generate_max_len=6, micro_rollout_batch_size=64, vllm_tensor_parallel_size=args.tp, vllm_kv_cache_mb=32)
     tp_groups = [dist.new_group(list(range(g, g + args.tp))) for g in range(0, launch.world_size, args.tp)] if args.tp > 1 else []
-    vllm = VLLMGenerator(resolve_model_path(base), tokenizer, rollout, max_model_len=64, dtype=torch.float32, seed=0, tp_group=tp_groups[launch.rank // args.tp] if tp_groups else None)
+    vllm = VLLMGenerator(
+        resolve_model_path(base),
+        tokenizer,
+        rollout,
+        max_model_len=64,
+        dtype=torch.float32,
+        seed=0,
+        tp_group=tp_groups[launch.rank // args.tp] if tp_groups else None,
+    )
     hf = HFGenerator(actor.module, tokenizer, rollout, actor.unpartitioned)
     prompts = [p.ids for p in load_prompts("embedded:arith/prompts_eval.jsonl", None, tokenizer, PromptDataConfig(), 0)[:24]]
     mine = prompts[launch.rank :: launch.world_size][: 8 + 2 * launch.rank]  # unequal counts per rank on purpose

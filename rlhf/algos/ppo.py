@@ -186,7 +186,9 @@ def discounted_returns(rewards: torch.Tensor, action_mask: torch.Tensor, gamma: 
     return returns * m
 
 
-def gae_advantages(rewards: torch.Tensor, values: torch.Tensor, action_mask: torch.Tensor, gamma: float, lambd: float) -> tuple[torch.Tensor, torch.Tensor]:
+def gae_advantages(
+    rewards: torch.Tensor, values: torch.Tensor, action_mask: torch.Tensor, gamma: float, lambd: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Generalised advantage estimation, Schulman et al. 2015 (arXiv 1506.02438) eq. 16.
 
     rewards, values, action_mask [B, T] -> (advantages, returns) [B, T] fp32, zero where masked:
@@ -299,7 +301,10 @@ def _groups(inputs: AdvantageInputs, name: str) -> torch.Tensor:
     if n < 2:
         raise UserError(f"advantage estimator {name!r} compares the samples of a prompt: set n_samples_per_prompt >= 2 (got {n})")
     if inputs.gamma != 1.0:
-        raise UserError(f"advantage estimator {name!r} uses undiscounted returns: set gamma = 1 (got {inputs.gamma}); gamma applies to {' and '.join(discounted_estimators())}")
+        raise UserError(
+            f"advantage estimator {name!r} uses undiscounted returns: set gamma = 1 (got {inputs.gamma}); gamma applies to "
+            f"{' and '.join(discounted_estimators())}"
+        )
     if B % n:
         raise ValueError(f"batch of {B} sequences is not whole groups of n_samples_per_prompt = {n}")
     return _fp32(inputs.seq_rewards).view(B // n, n)
@@ -373,12 +378,22 @@ def dr_grpo(inputs: AdvantageInputs) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 DIAGNOSTIC_SUMS = (
-    "reward_sq", "advantage", "advantage_sq", "advantage_tokens", "nonbinary",
-    "groups", "groups_zero_std", "groups_all_right", "groups_all_wrong", "groups_solved",
+    "reward_sq",
+    "advantage",
+    "advantage_sq",
+    "advantage_tokens",
+    "nonbinary",
+    "groups",
+    "groups_zero_std",
+    "groups_all_right",
+    "groups_all_wrong",
+    "groups_solved",
 )  # the keys rollout_diagnostics returns: a rank without samples adds zeros under them
 
 
-def rollout_diagnostics(seq_reward: torch.Tensor, advantages: torch.Tensor, action_mask: torch.Tensor, n_samples_per_prompt: int) -> dict[str, float]:
+def rollout_diagnostics(
+    seq_reward: torch.Tensor, advantages: torch.Tensor, action_mask: torch.Tensor, n_samples_per_prompt: int
+) -> dict[str, float]:
     """Sums over one shard of a rollout that tell whether a step can learn, to be added up over
     the shards and divided by the caller (hence sums, not means).
 
@@ -398,14 +413,18 @@ def rollout_diagnostics(seq_reward: torch.Tensor, advantages: torch.Tensor, acti
     adv = advantages.detach().float() * mask
     out = {
         "reward_sq": (r * r).sum().item(),
-        "advantage": adv.sum().item(), "advantage_sq": (adv * adv).sum().item(), "advantage_tokens": mask.sum().item(),
+        "advantage": adv.sum().item(),
+        "advantage_sq": (adv * adv).sum().item(),
+        "advantage_tokens": mask.sum().item(),
         "nonbinary": float(((r != 0) & (r != 1)).sum().item()),
     }
     groups = r.view(-1, n_samples_per_prompt)  # [P, n]
     same = (groups == groups[:, :1]).all(-1)  # [P]
     out.update(
-        groups=float(groups.size(0)), groups_zero_std=float(same.sum().item()),
-        groups_all_right=float((same & (groups[:, 0] == 1)).sum().item()), groups_all_wrong=float((same & (groups[:, 0] == 0)).sum().item()),
+        groups=float(groups.size(0)),
+        groups_zero_std=float(same.sum().item()),
+        groups_all_right=float((same & (groups[:, 0] == 1)).sum().item()),
+        groups_all_wrong=float((same & (groups[:, 0] == 0)).sum().item()),
         groups_solved=float((groups == 1).any(-1).sum().item()),
     )
     return out
@@ -427,7 +446,8 @@ def diagnostics_record(totals: dict[str, float], n_samples_per_prompt: int) -> d
         record["group_zero_std"] = totals["groups_zero_std"] / groups
         if totals["nonbinary"] == 0:
             record.update(
-                group_all_right=totals["groups_all_right"] / groups, group_all_wrong=totals["groups_all_wrong"] / groups,
+                group_all_right=totals["groups_all_right"] / groups,
+                group_all_wrong=totals["groups_all_wrong"] / groups,
                 **{f"pass_at_{n_samples_per_prompt}": totals["groups_solved"] / groups},
             )
     return record

@@ -33,7 +33,9 @@ def _check_normaliser(normaliser: float) -> None:
 # Reward model
 
 
-def pairwise_sigmoid_loss(chosen_reward: torch.Tensor, rejected_reward: torch.Tensor, margin: torch.Tensor | None, normaliser: float) -> torch.Tensor:
+def pairwise_sigmoid_loss(
+    chosen_reward: torch.Tensor, rejected_reward: torch.Tensor, margin: torch.Tensor | None, normaliser: float
+) -> torch.Tensor:
     """Bradley-Terry pairwise loss: sum_i -log sigmoid(r_c,i - r_r,i - m_i) / normaliser.
 
     chosen_reward, rejected_reward [B], margin [B] or None (no margin) -> scalar (fp32).

@@ -37,7 +37,6 @@ from rlhf.config import PreferenceDataConfig
 from rlhf.data.sft import (
     Sample,
     TokenizeCounts,
-    preprocessed_rows,
     _chat_ids,
     _chat_template,
     _encode,
@@ -50,6 +49,7 @@ from rlhf.data.sft import (
     bos_to_prepend,
     collate_packed,
     collate_padded,
+    preprocessed_rows,
 )
 from rlhf.data.sources import load_train_eval
 from rlhf.errors import UserError, describe_value
@@ -179,7 +179,9 @@ def _pair_ids(row: dict, where: str, tokenizer, cfg: PreferenceDataConfig, templ
             return tuple(_join(prompt_ids, _encode(tokenizer, text) + [eos]) for text in (c_text, r_text))  # type: ignore[return-value]
         context = [{"role": "user", "content": prompt}]
     return tuple(  # type: ignore[return-value]
-        _end_at_turn_end(tokenizer, *_chat_ids(tokenizer, context + [{"role": "assistant", "content": text}], [len(context)], template, where))
+        _end_at_turn_end(
+            tokenizer, *_chat_ids(tokenizer, context + [{"role": "assistant", "content": text}], [len(context)], template, where)
+        )
         for text in (c_text, r_text)
     )
 
@@ -236,7 +238,10 @@ def _shared_prompt_pair(tokenizer, chosen: str, rejected: str, where: str, cfg: 
                 f"{where}: with --prompt_key None, {what} no '{marker}' turn, so the response cannot be told from the prompt "
                 "(HH-RLHF form: '\\n\\nHuman: ...\\n\\nAssistant: ...'; else set --prompt_key)"
             )
-        raise UserError(f"{where}: fields {cfg.chosen_key!r} and {cfg.rejected_key!r} differ before their last '{marker}' turn: a pair must answer the same dialogue")
+        raise UserError(
+            f"{where}: fields {cfg.chosen_key!r} and {cfg.rejected_key!r} differ before their last '{marker}' turn: a pair "
+            "must answer the same dialogue"
+        )
     prompt_ids = _encode(tokenizer, chosen[:cut])
     responses = [_encode(tokenizer, chosen[cut:]), _encode(tokenizer, rejected[cut:])]
     texts = [chosen[cut:], rejected[cut:]]
@@ -251,9 +256,7 @@ def _chat_pair(
 ) -> tuple[Ids, Ids]:
     """Both sides as messages lists: a shared context, then one assistant message each."""
     if not (isinstance(chosen, list) and isinstance(rejected, list)):
-        raise UserError(
-            f"{where}: fields {cfg.chosen_key!r} and {cfg.rejected_key!r} must both be texts or both be messages lists"
-        )
+        raise UserError(f"{where}: fields {cfg.chosen_key!r} and {cfg.rejected_key!r} must both be texts or both be messages lists")
     if template is None:
         raise UserError(f"{where}: fields {cfg.chosen_key!r} and {cfg.rejected_key!r} hold chat messages; add --apply_chat_template")
     sides = [_messages(chosen, cfg.chosen_key, where), _messages(rejected, cfg.rejected_key, where)]
@@ -356,7 +359,10 @@ def warn_if_one_label_class(samples: list[UnpairedSample], cfg: PreferenceDataCo
         value = "true (desirable)" if labels.pop() else "false (undesirable)"
         logger.warning(
             "KTO data %s: all %d training examples have --label_key %r %s; KTO learns from both classes, so check the labels",
-            cfg.dataset, len(samples), cfg.label_key, value,
+            cfg.dataset,
+            len(samples),
+            cfg.label_key,
+            value,
         )
 
 

@@ -271,7 +271,9 @@ def _messages(value: Any, key: str, where: str) -> list[dict]:
         raise UserError(f"{where}: field {key!r} must be a non-empty list of chat messages, got {found}")
     for j, m in enumerate(value):
         if not isinstance(m, dict):
-            raise UserError(f"{where}: field {key!r} message {j} must be an object with string 'role' and 'content', got {describe_value(m)}")
+            raise UserError(
+                f"{where}: field {key!r} message {j} must be an object with string 'role' and 'content', got {describe_value(m)}"
+            )
         for part in ("role", "content"):
             if not isinstance(m.get(part), str):
                 found = "nothing" if part not in m else describe_value(m[part])
@@ -307,7 +309,9 @@ def _fill_input_template(template: str, prompt: str, row: Optional[dict] = None,
         return template.format(prompt, **fields)
     except KeyError as err:
         have = ", ".join(k for k in (row or {}) if k != WHERE_KEY)
-        raise UserError(f"{where}: --input_template names field {err.args[0]!r}, which the row lacks (it has: {have or 'no fields'})") from None
+        raise UserError(
+            f"{where}: --input_template names field {err.args[0]!r}, which the row lacks (it has: {have or 'no fields'})"
+        ) from None
     except (IndexError, ValueError) as err:
         raise UserError(f"--input_template {template!r}: not a valid format string ({err!r}); write literal braces as {{{{ }}}}") from None
 
@@ -338,7 +342,9 @@ def _sft_ids(row: dict, where: str, tokenizer, cfg: DataConfig, template: Option
         return _chat_ids(tokenizer, messages, targets, template, where)
 
     if cfg.output_key is None:
-        raise UserError(f"{where}: field {cfg.input_key!r} must be a list of chat messages when --output_key is None, got {describe_value(value)}")
+        raise UserError(
+            f"{where}: field {cfg.input_key!r} must be a list of chat messages when --output_key is None, got {describe_value(value)}"
+        )
     prompt = _text_field(row, cfg.input_key, where, "--input_key", True)
     response = _text_field(row, cfg.output_key, where, "--output_key", False)
     if cfg.input_template:
@@ -378,9 +384,7 @@ def _render(tokenizer, messages: list[dict], template: str, generation_prompt: b
     import jinja2
 
     try:
-        return tokenizer.apply_chat_template(
-            messages, chat_template=template, tokenize=False, add_generation_prompt=generation_prompt
-        )
+        return tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False, add_generation_prompt=generation_prompt)
     except (jinja2.TemplateError, ValueError) as err:
         raise UserError(f"{where}: the chat template cannot render this conversation ({' '.join(str(err).split())})") from None
 
@@ -394,9 +398,7 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
-def _chat_ids(
-    tokenizer, messages: list[dict], targets: list[int], template: str, where: str
-) -> tuple[list[int], list[int]]:
+def _chat_ids(tokenizer, messages: list[dict], targets: list[int], template: str, where: str) -> tuple[list[int], list[int]]:
     """Render a conversation; mask each target assistant turn's content and end-of-turn tokens.
 
     Real templates carry no markers for "assistant text starts/ends here", so the span of turn

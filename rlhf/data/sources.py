@@ -216,9 +216,7 @@ def _load_folder(path: Path, label: str, split: str) -> list[dict]:
     files = sorted(
         p
         for p in path.rglob("*")
-        if p.is_file()
-        and p.suffix.lower() in DATA_EXTENSIONS
-        and not any(part.startswith(".") for part in p.relative_to(path).parts)
+        if p.is_file() and p.suffix.lower() in DATA_EXTENSIONS and not any(part.startswith(".") for part in p.relative_to(path).parts)
     )
     if not files:
         raise UserError(f"{label}: folder holds no data files ({', '.join(DATA_EXTENSIONS)})")
@@ -284,9 +282,7 @@ def _load_hub(name: str, split: str) -> list[dict]:
     try:
         loaded = datasets.load_dataset(name, split=split)
     except Exception as err:  # noqa: BLE001 - hub errors come in many types; all mean "cannot load"
-        raise UserError(
-            f"{name}: is not a local file/folder and could not be loaded from the hub: {_one_line(err)}"
-        ) from None
+        raise UserError(f"{name}: is not a local file/folder and could not be loaded from the hub: {_one_line(err)}") from None
     return _tag(loaded.to_list(), name)
 
 

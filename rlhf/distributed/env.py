@@ -145,7 +145,10 @@ def _rendezvous_store(launch: LaunchEnv, timeout_s: float) -> "dist.TCPStore":
     try:
         socket.getaddrinfo(launch.master_addr, launch.master_port)
     except socket.gaierror as err:
-        raise UserError(f"launch environment: master address {launch.master_addr!r} does not resolve ({err.strerror}); set MASTER_ADDR to the host of rank 0") from None
+        raise UserError(
+            f"launch environment: master address {launch.master_addr!r} does not resolve ({err.strerror}); set MASTER_ADDR to "
+            "the host of rank 0"
+        ) from None
     try:
         return dist.TCPStore(
             launch.master_addr,

@@ -59,7 +59,10 @@ class Topology:
             next_rank += slot.num_ranks
         if next_rank != self.world_size:
             layout = " + ".join(f"{'+'.join(s.roles)} {s.num_ranks}" for s in self.slots)
-            raise UserError(f"placement: {layout} = {next_rank} ranks, but the world has {self.world_size} (set the per-role counts to add up to the number of processes)")
+            raise UserError(
+                f"placement: {layout} = {next_rank} ranks, but the world has {self.world_size} (set the per-role counts to "
+                "add up to the number of processes)"
+            )
         if "actor" not in seen:
             raise UserError("placement: the actor role must be placed")
 

@@ -28,7 +28,16 @@ from rlhf.engines.train_engine import build_ds_config
 class FrozenEngine:
     """A model in eval mode with no gradients: ``forward(**model_inputs)`` only."""
 
-    def __init__(self, model: torch.nn.Module, cfg: TrainConfig, *, bf16: bool, dp_size: int, mpu: Optional[SlotParallel] = None, offload: bool = False):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        cfg: TrainConfig,
+        *,
+        bf16: bool,
+        dp_size: int,
+        mpu: Optional[SlotParallel] = None,
+        offload: bool = False,
+    ):
         model.requires_grad_(False)
         model.eval()
         config = build_ds_config(cfg, bf16=bf16, dp_size=dp_size, accumulation_steps=cfg.grad_accumulation_steps(dp_size), frozen=True)

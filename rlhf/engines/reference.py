@@ -84,7 +84,9 @@ def load_reference(cfg: Union[DPOConfig, KTOConfig], engine: TrainEngine, dp: in
 
 
 @torch.no_grad()
-def precompute_reference(forward: Forward, pairs: list[PairSample], micro: int, pad_id: int, packed: bool, rank: int, dp: int) -> torch.Tensor:
+def precompute_reference(
+    forward: Forward, pairs: list[PairSample], micro: int, pad_id: int, packed: bool, rank: int, dp: int
+) -> torch.Tensor:
     """Reference log-probs [N, 2] (chosen, rejected) of every pair, identical on every rank.
 
     Each rank scores its shard in micro-batches (``shard_for_eval``: the same number of forwards

