@@ -75,19 +75,13 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     # 3. Engines, only for this rank's roles: actor (+ critic) train; reference and reward models are frozen.
     roles = build_engines(cfg, place, tokenizer, updates)
     actor, critic = roles.actor, roles.critic
-    kl_ctl = (
-        ppo_math.AdaptiveKLController(algo.init_kl_coef, algo.kl_target, algo.kl_horizon)
-        if algo.kl_target
-        else ppo_math.FixedKLController(algo.init_kl_coef)
-    )
+    kl_ctl = ppo_math.kl_controller(algo.init_kl_coef, algo.kl_target, algo.kl_horizon)
     scorer = Scorer(cfg, tokenizer, roles, kl_ctl)
     ema = WeightEMA(actor, algo.ema_beta) if algo.enable_ema and actor is not None else None
     engines = {name: e for name, e in (("actor", actor), ("actor_ema", ema), ("critic", critic)) if e is not None}
-    ptx = (
-        PretrainMix.from_config(cfg, tokenizer, *topology.slot_index("actor", rank))
-        if cfg.data.pretrain_data and actor is not None
-        else None
-    )
+    ptx = None  # --pretrain_data: PPO-ptx
+    if cfg.data.pretrain_data and actor is not None:
+        ptx = PretrainMix.from_config(cfg, tokenizer, *topology.slot_index("actor", rank))
 
     # 4. Resume: engines, RNG, KL controller, step. (Seeded again here: building engines draws
     # random numbers, and a rank builds only its roles', so sampling would depend on the placement.)
@@ -102,14 +96,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     total_steps = schedule.total_steps
     metrics_path = cfg.log.metrics_path or os.path.join(cfg.ckpt.save_path, "metrics.jsonl")
     logger = MetricsLogger(
-        metrics_path,
-        cfg.log,
-        dataclasses.asdict(cfg),
-        "ppo",
-        total_steps,
-        enabled=launch.is_rank0,
-        resumed=start_step > 0,
-        bar_keys=progress_keys(cfg),
+        metrics_path, cfg.log, dataclasses.asdict(cfg), "ppo", total_steps, launch.is_rank0, start_step > 0, progress_keys(cfg)
     )
     if start_step:
         logger.log(start_step, {"resumed_from_step": start_step})
@@ -128,10 +115,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         timings["train"] = time.perf_counter() - started
 
         totals = all_reduce_sums({**exp_stats, **train_sums})
-        critic_dp = topology.dp_size("critic") if "critic" in topology.roles else 0
-        record = step_record(cfg, totals, scorer.source_names, topology.dp_size("actor"), critic_dp)
+        record = step_record(cfg, totals, scorer.source_names, topology)
         record.update({f"time_{k}": v for k, v in timings.items()}, kl_coef=kl_ctl.value, lr=lr)
-        if roles.weight_sync is not None or rollout.rollout_backend == "vllm":
+        if roles.weight_sync is not None or rollout.rollout_backend == "vllm":  # bytes moved into the generator
             record["weight_sync_mb"] = (roles.weight_sync or roles.generator).last_bytes / 2**20
         kl_ctl.update(record["kl"], samples_per_step)
 

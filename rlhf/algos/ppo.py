@@ -600,3 +600,8 @@ class FixedKLController:
 
     def load_state_dict(self, state: dict[str, float]) -> None:
         pass
+
+
+def kl_controller(init_kl_coef: float, kl_target, kl_horizon: int):
+    """--kl_target given: the adaptive controller steering the KL to it; else a fixed coefficient."""
+    return AdaptiveKLController(init_kl_coef, kl_target, kl_horizon) if kl_target else FixedKLController(init_kl_coef)

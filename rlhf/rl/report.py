@@ -6,6 +6,7 @@ import os
 
 from rlhf.algos import ppo as ppo_math
 from rlhf.config import PPOConfig
+from rlhf.distributed.topology import Topology
 from rlhf.metrics import metric_series, plot_metrics, read_metrics
 
 
@@ -14,9 +15,11 @@ def progress_keys(cfg: PPOConfig) -> tuple[str, ...]:
     return ("reward", f"pass_at_{cfg.rollout.n_samples_per_prompt}", "eval_reward", "kl", "entropy", "response_length")
 
 
-def step_record(cfg: PPOConfig, totals: dict[str, float], source_names: list[str], actor_dp: int, critic_dp: int) -> dict[str, float]:
+def step_record(cfg: PPOConfig, totals: dict[str, float], source_names: list[str], topology: Topology) -> dict[str, float]:
     """The step's metrics from the sums of every rank (``totals``): per-sample means of the
-    rollout figures, per-update means of the training figures."""
+    rollout figures, per-update means of the training figures (updates counted per rank)."""
+    actor_dp = topology.dp_size("actor")
+    critic_dp = topology.dp_size("critic") if "critic" in topology.roles else 0
     n_samples, n_tokens = totals["samples"], max(totals["response_length"], 1.0)
     record = {
         "reward": totals["reward"] / n_samples,
