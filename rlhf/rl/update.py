@@ -145,6 +145,9 @@ def train_actor(
             sums["clip_fraction"] += clip_frac.item() * share
             sums["approx_kl"] += approx_kl.item() * share
             sums["entropy"] += entropy.item()
+            # Free the [B, T, V] logits now: still bound, they would live on through the next
+            # micro-batch's forward, and the step would peak with two of them.
+            del logp, logits, loss, entropy
         sums["actor_updates"] += 1
         if ema is not None:
             ema.update()
