@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 
 import pexpect
+import pytest
 import torch
 from helpers import REPO, trainer_env
 
@@ -30,6 +31,7 @@ def ask(child: pexpect.spawn, text: str) -> str:
     return child.match.group(1).decode().replace("\r\n", "\n")  # the terminal turns \n into \r\n
 
 
+@pytest.mark.slow
 def test_chat_in_a_terminal(chat_tiny_model):
     """Greedy replies equal transformers' for the same conversation; the second turn sees the first."""
     child = pexpect.spawn(

@@ -40,6 +40,7 @@ def losses(out):
     return [r["loss"] for r in read_jsonl(out / "model" / "metrics.jsonl") if "loss" in r]
 
 
+@pytest.mark.slow
 def test_dpo_learns_the_addition_preferences(sft_tiny_model, tmp_path):
     """The README's DPO preset: held-out implicit-reward accuracy and margin rise.
 
@@ -66,6 +67,7 @@ def test_dpo_learns_the_addition_preferences(sft_tiny_model, tmp_path):
 
 
 @pytest.mark.parametrize("stage", [2, 3])
+@pytest.mark.slow
 def test_dpo_zero_stages_agree(sft_tiny_model, tmp_path, stage):
     """ZeRO-2 and ZeRO-3 (forced gathering, reference engine ZeRO-3 too) give the ZeRO-0 loss curve in fp32."""
     curves = {}

@@ -47,6 +47,7 @@ def greedy_runs(sft_tiny_model, rm_tiny_model, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_generate_is_gathered_in_input_order_whatever_the_ranks(greedy_runs):
     one, two = read_jsonl(greedy_runs / "hf1.jsonl"), read_jsonl(greedy_runs / "hf2.jsonl")
     assert len(one) == 24 and one == two

@@ -39,6 +39,7 @@ def losses(out):
     return [r["loss"] for r in read_jsonl(out / "model" / "metrics.jsonl") if "loss" in r]
 
 
+@pytest.mark.slow
 def test_kto_learns_the_addition_labels(sft_teacher_model, tmp_path):
     """The README's KTO preset, from the README's SFT preset: on held-out completions the mean
     implicit reward of right answers minus that of wrong answers (eval_reward_gap) rises and ends

@@ -110,6 +110,7 @@ def test_sbatch_sft_one_torchrun_per_node(slurm_cluster, tmp_path):
     assert len((tmp_path / "model" / "metrics.jsonl").read_text().splitlines()) >= 4
 
 
+@pytest.mark.slow
 def test_sbatch_sft_one_task_per_rank_matches_torchrun(slurm_cluster, tmp_path):
     """RLHF_LAUNCH=tasks: srun starts one task per rank (SLURM_PROCID -> rank, rendezvous with a
     bounded wait); the result equals the same training under plain torchrun."""

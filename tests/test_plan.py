@@ -143,6 +143,7 @@ def _child_env() -> dict[str, str]:
     return env
 
 
+@pytest.mark.slow
 def test_total_matches_measured_peak_on_cpu(tmp_path):
     fifty = tmp_path / "qwen2-50m"
     fifty.mkdir()

@@ -173,6 +173,7 @@ def weights(out):
     return load_file(out / "model" / "model.safetensors")
 
 
+@pytest.mark.slow
 def test_ema_export(sft_tiny_model, tmp_path):
     """--enable_ema exports the average: with beta 1 it never moves (the SFT weights come out),
     with beta 0 it is the last weights (the plain run's export)."""
@@ -236,6 +237,7 @@ def reward_module(tmp_path, body: str) -> str:
     ],
     ids=["unknown estimator", "group estimator with one sample", "group estimator with gamma", "placement does not fit"],
 )
+@pytest.mark.slow
 def test_ppo_bad_config(tmp_path, extra, expected):
     proc = run_trainer(
         "rlhf.ppo",

@@ -82,6 +82,7 @@ def colocated_run(sft_tiny_model, rm_tiny_model, tmp_path_factory):
 
 
 @pytest.mark.parametrize("stage", [2, 3])
+@pytest.mark.slow
 def test_split_placement_equals_colocated(sft_tiny_model, rm_tiny_model, colocated_run, tmp_path, stage):
     """ZeRO-2 (with the reference and reward weights offloaded to the CPU between forwards), and
     ZeRO-3 with every parameter partitioned (the 1-rank reference and reward engines too): same
@@ -94,6 +95,7 @@ def test_split_placement_equals_colocated(sft_tiny_model, rm_tiny_model, colocat
     assert_same_weights(colocated_run, tmp_path)
 
 
+@pytest.mark.slow
 def test_split_zero3_resume_equals_uninterrupted(sft_tiny_model, rm_tiny_model, tmp_path):
     """Each role checkpoints on its own group (the critic's ranks exclude global rank 0); a job
     resumed from step 2 ends where the uninterrupted one does."""

@@ -240,6 +240,7 @@ def llama3_chat(tmp_path_factory):
     return realdata.teach_chat(realdata.build_family("llama3", tmp_path_factory.mktemp("llama3-chat") / "model"))
 
 
+@pytest.mark.slow
 def test_hf_rollouts_stop_at_the_templates_end_token(llama3_chat, data):
     """Regression: generation stopped only at the tokenizer's EOS (<|end_of_text|>), so a
     Llama-3-style chat model talked past its <|eot_id|> into new turns until the length limit."""
@@ -475,6 +476,7 @@ SHAPES = {
 
 
 @pytest.mark.parametrize("name", list(SHAPES))
+@pytest.mark.slow
 def test_trainer_runs_on_real_shape(families, data, tmp_path, name):
     module, shape, family, flags = SHAPES[name]
     eval_flags = ["--eval_dataset", str(data[shape])] if shape == "ultrafeedback_snapshot" else ["--eval_holdout_ratio", "0.25"]

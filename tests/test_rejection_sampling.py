@@ -36,6 +36,7 @@ def rs_args(model, out, *extra):
     ]
 
 
+@pytest.mark.slow
 def test_one_round_keeps_better_samples_and_raises_the_policy_reward(sft_weak_model, tmp_path):
     """From the weaker SFT model (45% of held-out sums right when greedy, 22% of samples at
     temperature 1): the kept samples are all right, and one round of SFT on them raises the

@@ -75,6 +75,7 @@ def test_rm_loads_as_a_sequence_classifier_and_scores_as_in_training(trained_rm)
 
 
 @pytest.mark.parametrize("stage", [2, 3])
+@pytest.mark.slow
 def test_rm_zero_stages_agree(sft_tiny_model, tmp_path, stage):
     """ZeRO-2 and ZeRO-3 (forced gathering) give the ZeRO-0 loss curve in fp32."""
     curves = {}

@@ -71,6 +71,7 @@ CASES = {
 
 
 @pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.slow
 def test_bad_input_gives_one_clear_line(tmp_path, case):
     make_args, expected = CASES[case]
     out = tmp_path / "out"

@@ -14,6 +14,7 @@ from helpers import REPO, ZERO3_FORCE_GATHER, error_lines, read_jsonl, run_train
     [(1, 0, 2), (2, 0, 3), (2, 8, 2), (1, 8, 3)],
     ids=["tp1-full-zero2", "tp2-full-zero3", "tp2-lora-zero2", "tp1-lora-zero3"],
 )
+@pytest.mark.slow
 def test_vllm_greedy_equals_transformers_before_and_after_a_weight_sync(sft_tiny_model, tp, lora, zero):
     """fp32: vLLM's greedy output equals transformers' for the same weights; after the actor's
     weights change (SFT weights loaded, or LoRA adapters set) vLLM is stale until the sync, then
@@ -67,6 +68,7 @@ def grpo_args(sft, out, *extra):
     ],
     ids=["zero3-full", "qlora-with-is-correction", "temperature-0.7"],
 )
+@pytest.mark.slow
 def test_ppo_steps_generate_with_the_current_actor(sft_tiny_model, tmp_path, extra):
     """At a high learning rate the policy moves every step, yet the log-probs vLLM reports for
     its samples stay within 1e-3 per token of the actor's: it generated with the current weights
@@ -110,6 +112,7 @@ def test_grpo_with_vllm_learns_like_hf(sft_teacher_model, tmp_path):
     ],
     ids=["split placement", "engines x tp != world", "IS correction without vllm"],
 )
+@pytest.mark.slow
 def test_vllm_bad_flags(tmp_path, extra, expected):
     proc = run_trainer("rlhf.ppo", grpo_args("embedded:tiny-qwen2", tmp_path, "--max_steps", "1", *extra), check=False)
     lines = error_lines(proc.stderr)
