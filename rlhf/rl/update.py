@@ -126,7 +126,9 @@ def train_actor(
                 token_weights=is_weights,
             )
             with contextlib.nullcontext() if cfg.algo.entropy_coef else torch.no_grad():  # only a metric at coef 0: no graph over [B, T, V]
-                entropy = ppo_math.masked_sum(ppo_math.entropy_from_logits(logits[:, :-1]), mask) / step_tokens
+                # One row at a time: the softmax temporaries are then [1, T, V] each, not [B, T, V].
+                token_entropy = torch.cat([ppo_math.entropy_from_logits(logits[i : i + 1, :-1]) for i in range(logits.size(0))])
+                entropy = ppo_math.masked_sum(token_entropy, mask) / step_tokens
             if cfg.algo.entropy_coef:
                 loss = loss - cfg.algo.entropy_coef * entropy
             if cfg.algo.use_kl_loss:
@@ -147,7 +149,7 @@ def train_actor(
             sums["entropy"] += entropy.item()
             # Free the [B, T, V] logits now: still bound, they would live on through the next
             # micro-batch's forward, and the step would peak with two of them.
-            del logp, logits, loss, entropy
+            del logp, logits, loss, entropy, token_entropy
         sums["actor_updates"] += 1
         if ema is not None:
             ema.update()
