@@ -244,7 +244,7 @@ class RewardSources:
         """Every source on one rank: prompts (``.ids``, ``.text``, ``.label``) and response ids ->
         (combined reward [B], per-source rewards [B] by name)."""
         samples = [Sample(p.ids + r, [0] * len(p.ids) + [1] * len(r)) for p, r in zip(prompts, responses)]
-        texts = [tokenizer.decode(r, skip_special_tokens=True) for r in responses]
+        texts = [tokenizer.decode(r, skip_special_tokens=True) for r in responses] if self.text else []  # only text sources read them
         return self.combine(self.model_scores(samples, tokenizer.pad_token_id, micro), prompts, texts)
 
 
