@@ -22,9 +22,9 @@ from typing import Any, Optional
 
 import deepspeed
 import torch
-from transformers import get_scheduler
 
 from rlhf.config import TrainConfig
+from rlhf.engines.lr_schedule import make_lr_scheduler
 from rlhf.engines.subgroups import SlotParallel
 from rlhf.errors import UserError
 
@@ -135,12 +135,8 @@ class TrainEngine:
         self.accumulation_steps = cfg.grad_accumulation_steps(dp_size)
         self.ds_config = build_ds_config(cfg, bf16=bf16, dp_size=dp_size, accumulation_steps=self.accumulation_steps)
         optimizer = _make_optimizer(model, cfg)
-        scheduler = get_scheduler(
-            cfg.lr_scheduler,
-            optimizer,
-            num_warmup_steps=math.ceil(total_steps * cfg.lr_warmup_ratio),
-            num_training_steps=total_steps,
-            scheduler_specific_kwargs={"min_lr_rate": 0.1} if cfg.lr_scheduler == "cosine_with_min_lr" else None,
+        scheduler = make_lr_scheduler(
+            optimizer, cfg.lr_scheduler, warmup_steps=math.ceil(total_steps * cfg.lr_warmup_ratio), total_steps=total_steps
         )
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model,
