@@ -347,13 +347,17 @@ def bench_grpo(args, work: Path, model: str, n_params: int) -> dict:
             run_side(cmd, log=work / f"{tag}.log")
             steps = [s for s in read_jsonl(work / f"out-{tag}" / "metrics.jsonl") if "time_train" in s]
             phases = ("generate", "sync", "score", "train")
-            totals = [sum(s[f"time_{p}"] for p in phases) for s in steps]
-            seconds = statistics.median(steady_steps(totals, args.warmup))
-            kept = steps[args.warmup :]
-            share = {p: sum(s[f"time_{p}"] for s in kept) / sum(totals[args.warmup :]) for p in phases}
+            # A step's time is the whole loop iteration (experience, update, logging): the gap
+            # between consecutive records' wall-clock stamps; so the first step has none.
+            walls = [b["time"] - a["time"] for a, b in zip(steps, steps[1:])]
+            skip = max(args.warmup, 1) - 1  # walls[0] is step 2's
+            seconds = statistics.median(steady_steps(walls, skip))
+            kept = steps[skip + 1 :]
+            share = {p: sum(s[f"time_{p}"] for s in kept) / sum(walls[skip:]) for p in phases}
             return {
                 "step_s": seconds,
                 "rate": args.batch / seconds,
+                "startup_s": steps[0]["startup_seconds"],
                 "response_length": steps[0]["response_length"],
                 **{f"share_{p}": v for p, v in share.items()},
             }
@@ -393,7 +397,12 @@ def bench_grpo(args, work: Path, model: str, n_params: int) -> dict:
         result = json.loads(out.read_text())
         seconds = statistics.median(steady_steps(result["step_seconds"], args.warmup))
         logs = [entry for entry in result["logs"] if "loss" in entry]
-        return {"step_s": seconds, "rate": args.batch / seconds, "response_length": logs[0].get("completions/mean_length", float("nan"))}
+        return {
+            "step_s": seconds,
+            "rate": args.batch / seconds,
+            "startup_s": result["startup_seconds"],
+            "response_length": logs[0].get("completions/mean_length", float("nan")),
+        }
 
     sides = {"rlhf (transformers)": ours("hf"), "TRL": trl}
     if args.vllm:
@@ -416,13 +425,15 @@ def bench_grpo(args, work: Path, model: str, n_params: int) -> dict:
 
 def finish(name: str, title: str, unit: str, args, n_params: int, results: dict[str, list[dict]], workload: str) -> dict:
     base = "TRL"
-    header = ["side", f"{unit} (median)", "step s (median)", f"ratio to {base}", "rounds"]
+    startup = "startup_s" in results[base][0]  # process start -> first step, where both sides report it
+    header = ["side", f"{unit} (median)", "step s (median)", f"ratio to {base}", "rounds"] + (["start-up s (median)"] if startup else [])
     rows, labels, values = [], [], []
     for side, rounds in results.items():
         rate = median_of(rounds, "rate")
         ratio = rate / median_of(results[base], "rate")
         rows.append(
             [side, f"{rate:.4g}", f"{median_of(rounds, 'step_s'):.3f}", f"{ratio:.2f}x", ", ".join(f"{r['rate']:.4g}" for r in rounds)]
+            + ([f"{median_of(rounds, 'startup_s'):.2f}"] if startup else [])
         )
         labels.append(side)
         values.append(rate)
@@ -466,6 +477,7 @@ def finish(name: str, title: str, unit: str, args, n_params: int, results: dict[
                 )
                 notes.append(f"{side} step phases (median share): {split}.")
     command = "python perf/side_by_side.py " + " ".join(sys.argv[1:])
+    name = f"{name}_{args.tag}" if args.tag else name
     write_report(name, title, command, header, rows, notes, {"labels": labels, "values": values, "ylabel": unit})
     return {side: median_of(rounds, "rate") for side, rounds in results.items()}
 
@@ -497,6 +509,9 @@ def main() -> None:
         "--kl", type=float, default=0.001, help="GRPO KL coefficient; > 0 so both sides run a reference model (default 0.001)"
     )
     parser.add_argument("--no_vllm", dest="vllm", action="store_false", help="skip our vLLM rollout in GRPO")
+    parser.add_argument(
+        "--tag", default="", help="suffix of the report names (results/grpo_TAG.md), e.g. tiny for a --hidden 128 --layers 4 run"
+    )
     parser.add_argument("--keep", action="store_true", help="keep the work folder (logs, data) and print its path")
     args = parser.parse_args()
     python_for_trl()

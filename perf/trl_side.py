@@ -26,8 +26,13 @@ class StepTimer(TrainerCallback):
         self.seconds: list[float] = []
         self.logs: list[dict] = []
         self._started = 0.0
+        self.startup_seconds: float | None = None  # process start -> the first step begins
 
     def on_step_begin(self, args, state, control, **kwargs):
+        if self.startup_seconds is None:
+            import psutil
+
+            self.startup_seconds = time.time() - psutil.Process().create_time()
         self._started = time.perf_counter()
 
     def on_step_end(self, args, state, control, **kwargs):
@@ -134,7 +139,7 @@ def main() -> None:
         )
     trainer.train()
     with open(args.out, "w") as f:
-        json.dump({"step_seconds": timer.seconds, "logs": timer.logs}, f)
+        json.dump({"step_seconds": timer.seconds, "startup_seconds": timer.startup_seconds, "logs": timer.logs}, f)
 
 
 if __name__ == "__main__":

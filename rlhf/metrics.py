@@ -39,6 +39,13 @@ _BAR_FORMATS = {
 DEFAULT_BAR_KEYS = ("loss", "reward", "kl", "response_length", "lr", "tokens_per_s")
 
 
+def seconds_since_process_start() -> float:
+    """Wall seconds since this process was created (the OS's record, so imports count too)."""
+    import psutil  # a DeepSpeed dependency
+
+    return time.time() - psutil.Process().create_time()
+
+
 def bar_text(values: Mapping[str, Any], keys: Sequence[str]) -> str:
     """'reward=0.5 kl=0.012 len=7.0 lr=1.00e-05': the ``keys`` that ``values`` has, in that order."""
     parts = []

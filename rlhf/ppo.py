@@ -45,7 +45,7 @@ from rlhf.engines.ema import WeightEMA
 from rlhf.errors import exit_on_user_error, run_program
 from rlhf.io.checkpoint import export_hf, latest_checkpoint, load_checkpoint, save_checkpoint
 from rlhf.io.preemption import PreemptionWatch
-from rlhf.metrics import MetricsLogger
+from rlhf.metrics import MetricsLogger, seconds_since_process_start
 from rlhf.models.loading import load_tokenizer
 from rlhf.rl.experience import Scorer, eval_reward, make_experience
 from rlhf.rl.report import progress_keys, step_record, summarize_run
@@ -103,6 +103,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     elif eval_prompts:
         logger.log(0, {"eval_reward": eval_reward(cfg, roles, scorer, eval_prompts, rank)})
     preemption = PreemptionWatch()
+    startup_seconds = seconds_since_process_start()  # imports, engines, resume, the first eval: logged with the first step
     for step in range(start_step, total_steps):
         my_prompts = schedule.step_prompts(step, *topology.slot_index(roles.generating_role, rank)) if roles.generator is not None else []
         timings = dict.fromkeys(("generate", "sync", "score", "train"), 0.0)
@@ -117,6 +118,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         totals = all_reduce_sums({**exp_stats, **train_sums})
         record = step_record(cfg, totals, scorer.source_names, topology)
         record.update({f"time_{k}": v for k, v in timings.items()}, kl_coef=kl_ctl.value, lr=lr)
+        if step == start_step:
+            record["startup_seconds"] = startup_seconds
         if roles.weight_sync is not None or rollout.rollout_backend == "vllm":  # bytes moved into the generator
             record["weight_sync_mb"] = (roles.weight_sync or roles.generator).last_bytes / 2**20
         kl_ctl.update(record["kl"], samples_per_step)
