@@ -4,7 +4,8 @@
     perf/.venv-trl/bin/python perf/trl_side.py dpo  ...
     perf/.venv-trl/bin/python perf/trl_side.py grpo ...
 
-Writes R.json: {"step_seconds": [...], "logs": [trainer log dicts, one per step]}. The settings
+Writes R.json: {"step_seconds": [...], "logs": [trainer log dicts, one per step]}; with
+``--memory_json M.json`` also M.json: resident memory of optimizer step 2 (perf/memory.py). The settings
 mirror what perf/side_by_side.py gives our trainer: fp32 on CPU, AdamW with betas (0.9, 0.95),
 no weight decay, clipping at 1.0, constant learning rate, the dataset in the order our trainer
 visits it (sequential sampler), no evaluation, no checkpoints.
@@ -14,6 +15,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
 import time
 
 from transformers import TrainerCallback
@@ -41,6 +44,27 @@ class StepTimer(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs and "train_runtime" not in logs:
             self.logs.append(dict(logs))
+
+
+class StepMemory(TrainerCallback):
+    """Peak resident memory of optimizer step ``measured`` (after a warm-up step, so Adam's state
+    exists): at the end of the step before it, settle the heap, read VmRSS and reset VmHWM to it;
+    at the end of the measured step read VmHWM (perf/ppo_step_memory.py's readings)."""
+
+    def __init__(self, path: str, measured: int = 2) -> None:
+        self.path, self.measured, self.before_kb = path, measured, 0
+
+    def on_step_end(self, args, state, control, **kwargs):
+        from ppo_step_memory import reset_peak, settle, status_kb
+
+        if state.global_step == self.measured - 1:
+            settle()
+            self.before_kb = status_kb("VmRSS")
+            reset_peak()
+        elif state.global_step == self.measured:
+            peak_kb = status_kb("VmHWM")
+            with open(self.path, "w") as f:
+                json.dump({"step": self.measured, "before_mb": self.before_kb / 1024, "peak_mb": peak_kb / 1024}, f)
 
 
 def common_args(args) -> dict:
@@ -83,6 +107,10 @@ def main() -> None:
     parser.add_argument("--num_generations", type=int, default=8, help="GRPO completions per prompt")
     parser.add_argument("--completion_len", type=int, default=64, help="GRPO tokens per completion (EOS suppressed)")
     parser.add_argument("--reward", default=None, help="GRPO reward: path/to/file.py:function")
+    parser.add_argument("--memory_json", default=None, help="also measure optimizer step 2's peak resident memory into this JSON")
+    parser.add_argument(
+        "--no_gradient_checkpointing", action="store_true", help="turn off TRL's default gradient checkpointing (TRL 1.16 defaults it on)"
+    )
     args = parser.parse_args()
 
     import torch
@@ -94,19 +122,25 @@ def main() -> None:
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
     data = load_dataset("json", data_files=args.data, split="train")
     timer = StepTimer()
+    callbacks = [timer]
+    if args.memory_json:
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        callbacks.append(StepMemory(args.memory_json))
     accumulation = args.batch // args.micro_batch
     base = dict(common_args(args), per_device_train_batch_size=args.micro_batch, gradient_accumulation_steps=accumulation)
+    if args.no_gradient_checkpointing:
+        base["gradient_checkpointing"] = False
 
     if args.trainer == "sft":
         from trl import SFTConfig, SFTTrainer
 
         config = SFTConfig(**base, dataset_text_field="text", max_length=args.max_len, packing=False)
-        trainer = SFTTrainer(model=model, args=config, train_dataset=data, processing_class=tokenizer, callbacks=[timer])
+        trainer = SFTTrainer(model=model, args=config, train_dataset=data, processing_class=tokenizer, callbacks=callbacks)
     elif args.trainer == "dpo":
         from trl import DPOConfig, DPOTrainer
 
         config = DPOConfig(**base, max_length=args.max_len, beta=args.beta, loss_type=["sigmoid"], precompute_ref_log_probs=False)
-        trainer = DPOTrainer(model=model, args=config, train_dataset=data, processing_class=tokenizer, callbacks=[timer])
+        trainer = DPOTrainer(model=model, args=config, train_dataset=data, processing_class=tokenizer, callbacks=callbacks)
     else:
         import importlib.util
 
@@ -135,7 +169,7 @@ def main() -> None:
             generation_kwargs={"min_new_tokens": args.completion_len},  # EOS suppressed: every completion has completion_len tokens
         )
         trainer = GRPOTrainer(
-            model=model, reward_funcs=reward_fn, args=config, train_dataset=data, processing_class=tokenizer, callbacks=[timer]
+            model=model, reward_funcs=reward_fn, args=config, train_dataset=data, processing_class=tokenizer, callbacks=callbacks
         )
     trainer.train()
     with open(args.out, "w") as f:

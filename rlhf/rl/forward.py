@@ -6,25 +6,30 @@ value of the state before it is generated).
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
-from rlhf.algos.losses import next_token_logprobs
 from rlhf.data.sft import Sample, collate_padded
 from rlhf.distributed.env import device
+from rlhf.engines.logprobs import lm_logprobs
 
 
-def policy_logp(model, batch: dict[str, torch.Tensor], temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Log-probs [B, T-1] of the batch's tokens under softmax(logits / temperature), and those
-    scaled logits [B, T, V].
+def policy_logp(
+    model, batch: dict[str, torch.Tensor], temperature: float, with_entropy: bool = False, entropy_grad: bool = False
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Log-probs [B, T-1] of the batch's tokens under softmax(logits / temperature), and with
+    ``with_entropy`` that distribution's entropy [B, T-1] (a metric without a graph unless
+    ``entropy_grad``), else None. No [B, T, V] logits are kept where the model allows it
+    (``rlhf.engines.logprobs``).
 
     Rollouts sample from softmax(logits / T), so the behaviour, actor and reference log-probs of a
     PPO step must all be taken at that same T: the ratio, the KL and the gap to vLLM's log-probs
     then compare the distribution that was actually sampled (OpenRLHF and TRL scale the same way).
     """
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-    if temperature != 1.0:
-        logits = logits / temperature
-    return next_token_logprobs(logits, batch["input_ids"]), logits
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    out = lm_logprobs(model, inputs, temperature, with_entropy, entropy_grad)
+    return out.logp, out.entropy
 
 
 def token_values(critic, batch: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -7,19 +7,18 @@ over all ranks, so the update does not depend on how the batch is split into mic
 
 from __future__ import annotations
 
-import contextlib
 import random
 from typing import Optional
 
 import torch
 
 from rlhf.algos import ppo as ppo_math
-from rlhf.algos.losses import sft_nll_sum
 from rlhf.config import DataConfig, PPOConfig
 from rlhf.data.sft import Sample, tokenize_sft
 from rlhf.data.sources import load_mixture
 from rlhf.distributed.collectives import all_reduce_sums
 from rlhf.engines.ema import WeightEMA
+from rlhf.engines.sft_forward import forward_nll
 from rlhf.engines.train_engine import TrainEngine
 from rlhf.errors import UserError
 from rlhf.rl.experience import ActorBatch, CriticBatch
@@ -102,7 +101,10 @@ def train_actor(
             ptx_tokens = all_reduce_sums({"t": sum(b["loss_mask"].sum().item() for b in ptx_batches)}, group)["t"]
         for j, idx in enumerate(micro_batches):
             mb, mask = {k: v[idx] for k, v in exp.batch.items()}, exp.action_mask[idx]
-            logp, logits = policy_logp(actor, mb, cfg.rollout.temperature)
+            # The entropy is a metric, and a loss term only at --entropy_coef != 0 (no graph otherwise).
+            logp, token_entropy = policy_logp(
+                actor, mb, cfg.rollout.temperature, with_entropy=True, entropy_grad=bool(cfg.algo.entropy_coef)
+            )
             old_logp, is_weights = exp.old_logp, exp.is_weights
             if old_logp is None:  # behaviour log-probs = this forward's: the KL and engine statistics are measured here
                 old_logp = logp.detach()
@@ -125,10 +127,7 @@ def train_actor(
                 step_tokens,
                 token_weights=is_weights,
             )
-            with contextlib.nullcontext() if cfg.algo.entropy_coef else torch.no_grad():  # only a metric at coef 0: no graph over [B, T, V]
-                # One row at a time: the softmax temporaries are then [1, T, V] each, not [B, T, V].
-                token_entropy = torch.cat([ppo_math.entropy_from_logits(logits[i : i + 1, :-1]) for i in range(logits.size(0))])
-                entropy = ppo_math.masked_sum(token_entropy, mask) / step_tokens
+            entropy = ppo_math.masked_sum(token_entropy, mask) / step_tokens
             if cfg.algo.entropy_coef:
                 loss = loss - cfg.algo.entropy_coef * entropy
             if cfg.algo.use_kl_loss:
@@ -137,8 +136,7 @@ def train_actor(
             sums["policy_loss"] += loss.item()
             if ptx is not None:
                 pb = ptx_batches[j]
-                logits = actor(input_ids=pb["input_ids"], attention_mask=pb["attention_mask"], use_cache=False).logits
-                ptx_loss = sft_nll_sum(logits, pb["input_ids"], pb["loss_mask"]) / ptx_tokens
+                ptx_loss = forward_nll(actor, dict(pb))[0] / ptx_tokens
                 loss = loss + cfg.algo.ptx_coef * ptx_loss
                 sums["ptx_loss"] += ptx_loss.item()
             actor.backward(loss * actor.grad_scale)
@@ -147,9 +145,9 @@ def train_actor(
             sums["clip_fraction"] += clip_frac.item() * share
             sums["approx_kl"] += approx_kl.item() * share
             sums["entropy"] += entropy.item()
-            # Free the [B, T, V] logits now: still bound, they would live on through the next
-            # micro-batch's forward, and the step would peak with two of them.
-            del logp, logits, loss, entropy, token_entropy
+            # Free the micro-batch's graph now: still bound, it would live on through the next
+            # micro-batch's forward (with full logits, the step would peak with two [B, T, V]).
+            del logp, loss, entropy, token_entropy
         sums["actor_updates"] += 1
         if ema is not None:
             ema.update()
