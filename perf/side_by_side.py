@@ -7,7 +7,8 @@ Both sides train the same randomly initialised Qwen2 (saved once, loaded by both
 data, in the same order (TRL's sampler is sequential and the rows are written in the order our
 trainer's seeded plan visits them), with the same sequence lengths, batch sizes, optimizer
 (AdamW, betas 0.9/0.95, no weight decay, clip 1.0, constant lr), fp32, one process each, for the
-same number of optimizer steps. Rounds alternate (ours, TRL, ours, TRL, ...) so machine drift hits
+same number of optimizer steps, neither recomputing activations (TRL 1.16 turns gradient
+checkpointing on by default; it is turned off here, as ours does not checkpoint). Rounds alternate (ours, TRL, ours, TRL, ...) so machine drift hits
 both; each round's figure is the median step time after ``--warmup`` steps, and the report gives
 the median over rounds and the ratio of medians. The work is checked to be the same: tokens per
 step are equal, and the step-0 loss (and for DPO the chosen/rejected log-probs) agree.
@@ -137,6 +138,7 @@ def bench_sft(args, work: Path, model: str, n_params: int) -> dict:
         cmd = [
             python_for_trl(),
             "perf/trl_side.py",
+            "--no_gradient_checkpointing",  # TRL 1.16 defaults it on; ours recomputes nothing: same work
             "sft",
             "--model",
             model,
@@ -245,6 +247,7 @@ def bench_dpo(args, work: Path, model: str, n_params: int) -> dict:
         cmd = [
             python_for_trl(),
             "perf/trl_side.py",
+            "--no_gradient_checkpointing",  # TRL 1.16 defaults it on; ours recomputes nothing: same work
             "dpo",
             "--model",
             model,
@@ -369,6 +372,7 @@ def bench_grpo(args, work: Path, model: str, n_params: int) -> dict:
         cmd = [
             python_for_trl(),
             "perf/trl_side.py",
+            "--no_gradient_checkpointing",  # TRL 1.16 defaults it on; ours recomputes nothing: same work
             "grpo",
             "--model",
             model,
