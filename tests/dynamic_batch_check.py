@@ -139,7 +139,6 @@ def main() -> None:
     groups = MicroBatching(size=3, max_tokens=100).groups([len(s) for s in samples])
     forwards = [None] * world
     dist.all_gather_object(forwards, len(groups))
-    del actor0, critic0
 
     results: dict = {"scoring": scoring, "scoring_forwards_per_rank": forwards}
     for way, extra in WAYS.items():
