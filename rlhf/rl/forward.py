@@ -121,7 +121,7 @@ class MicroBatching:
         """The experience phase's forwards (behaviour, reference, critic, reward) of a PPOConfig:
         --micro_rollout_batch_size, or --rollout_max_tokens_per_gpu tokens with --use_dynamic_batch;
         packed with --packing_samples where the model allows (``packable``)."""
-        budget = cfg.rollout.rollout_max_tokens_per_gpu or cfg.train.train_max_tokens_per_gpu
+        budget = cfg.train.rollout_max_tokens_per_gpu or cfg.train.train_max_tokens_per_gpu
         return cls(
             size=cfg.rollout.micro_rollout_batch_size,
             max_tokens=budget if cfg.train.use_dynamic_batch else None,
