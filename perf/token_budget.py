@@ -208,7 +208,7 @@ def worker(args: argparse.Namespace, model_dir: str, out_path: str) -> None:
                 results[way].setdefault(key, []).append(max(values_) if key.endswith("_s") else sum(values_))
             if rank == 0:
                 print(f"round {round_} {way}: " + ", ".join(f"{k} {results[way][k][-1]:.4g}" for k in figures), flush=True)
-            del actor, critic, reference
+            actor = critic = reference = None  # freed before the next way builds its engines
     if rank == 0:
         Path(out_path).write_text(json.dumps(results))
 
