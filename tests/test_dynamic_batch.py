@@ -42,6 +42,10 @@ def test_split_by_token_budget_worked_examples():
     # so the short ones go together (3 rows x 2).
     assert split_by_token_budget([10, 2, 2, 2], 16, packed=True) == [[0, 1, 2, 3]]
     assert split_by_token_budget([10, 2, 2, 2], 16, packed=False) == [[0], [1, 2, 3]]
+    # Padded, the fewest runs and then the least padding: first fit would put a 10 beside the 100
+    # (200 positions for 110 tokens) and the other six in a second micro-batch (260 in all); the
+    # runs {100}, {10 x 7} are as few and cost 170.
+    assert split_by_token_budget([100, 10, 10, 10, 10, 10, 10, 10], 200, packed=False) == [[0], [1, 2, 3, 4, 5, 6, 7]]
     # A sample over the budget gets a micro-batch of its own; nothing is dropped.
     assert split_by_token_budget([50, 3, 3], 10, packed=True) == [[0], [1, 2]]
 

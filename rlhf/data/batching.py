@@ -65,27 +65,53 @@ def micro_batch_tokens(lengths: Sequence[int], packed: bool) -> int:
 
 def split_by_token_budget(lengths: Sequence[int], max_tokens: int, packed: bool) -> list[list[int]]:
     """Indices into ``lengths`` grouped into micro-batches of at most ``max_tokens`` tokens each
-    (``micro_batch_tokens``): first fit over the samples, longest first. A sample longer than
-    the budget gets a micro-batch of its own (as OpenRLHF's first fit does): nothing is dropped.
+    (``micro_batch_tokens``), as few as it can; a sample longer than the budget gets a micro-batch
+    of its own (as in OpenRLHF): nothing is dropped. Each group lists its samples longest first.
 
-    Longest first makes each group's first sample its longest, so a padded group's cost is
-    ``rows x lengths[group[0]]`` and grouping similar lengths keeps the padding small.
+    Packed: first fit over the samples, longest first (OpenRLHF's rule). Padded: the samples
+    sorted by length are cut into runs, the fewest runs that fit and, among those, the fewest
+    padded positions (an exact dynamic programme over the cut points): first fit would let a long
+    sample pull short ones into its rows, padding them all to its length.
     """
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    if not packed:
+        return _padded_runs(order, [lengths[i] for i in order], max_tokens)
     groups: list[list[int]] = []
     sums: list[int] = []
     for i in order:
         n = lengths[i]
-        for g, group in enumerate(groups):
-            cost = sums[g] + n if packed else (len(group) + 1) * lengths[group[0]]
-            if cost <= max_tokens:
-                group.append(i)
+        for g in range(len(groups)):
+            if sums[g] + n <= max_tokens:
+                groups[g].append(i)
                 sums[g] += n
                 break
         else:
             groups.append([i])
             sums.append(n)
     return groups
+
+
+def _padded_runs(order: list[int], longest_first: list[int], max_tokens: int) -> list[list[int]]:
+    """``order`` (sample indices, their lengths ``longest_first`` descending) cut into consecutive
+    runs costing ``rows x first length <= max_tokens`` (a lone sample may exceed it): fewest runs,
+    then fewest positions. best[i] = (runs, positions) covering the first i samples."""
+    n = len(order)
+    best: list[tuple[int, int]] = [(0, 0)] + [(n + 1, 0)] * n
+    start = [0] * (n + 1)
+    for i in range(1, n + 1):
+        for j in range(i - 1, -1, -1):  # the run order[j:i]; its cost grows as j falls
+            cost = (i - j) * longest_first[j]
+            if cost > max_tokens and j < i - 1:
+                break
+            candidate = (best[j][0] + 1, best[j][1] + cost)
+            if candidate < best[i]:
+                best[i], start[i] = candidate, j
+    runs: list[list[int]] = []
+    i = n
+    while i > 0:
+        runs.append(order[start[i] : i])
+        i = start[i]
+    return runs[::-1]
 
 
 def split_to_count(lengths: Sequence[int], groups: list[list[int]], count: int, packed: bool) -> list[list[int]]:
