@@ -270,8 +270,8 @@ def main(argv=None) -> None:
         "actor, reference and critic forwards (training: actor + critic); deterministic. Padding: positions that are not tokens.",
         f"Times: median over {args.repeats} round(s) of the slowest rank's phase time; meaningful only when nothing else runs on the "
         "machine. On CPU a packed row attends through a block-diagonal mask over the whole row (sdpa has no varlen kernel).",
-        f"Fixed training before token budgets were added padded every micro-batch to the rank's longest sample: "
-        f"{rank_wide_positions(totals, args)} positions in training.",
+        f"Before token budgets were added, fixed micro-batches were padded to the rank's longest sample: "
+        f"{rank_wide_positions(totals, args, 2)} positions in training, {rank_wide_positions(totals, args, 3)} in scoring.",
     ]
     chart = {
         "labels": list(WAYS),
@@ -294,10 +294,13 @@ def main(argv=None) -> None:
     assert fixed["train_positions"], "no training forwards were counted"
 
 
-def rank_wide_positions(totals: list[int], args: argparse.Namespace) -> int:
-    """Training positions of the fixed split as it was before: every micro-batch [micro, longest of the rank] (actor + critic)."""
+def rank_wide_positions(totals: list[int], args: argparse.Namespace, models: int) -> int:
+    """Positions of the fixed split as it was before: every forward [micro, longest of the rank],
+    for ``models`` models (training: actor + critic, each --ppo_epochs times; scoring: actor,
+    reference, critic once)."""
     per_rank = [totals[r :: args.nproc] for r in range(args.nproc)]
-    return sum(2 * args.ppo_epochs * len(share) * max(share) for share in per_rank)
+    passes = args.ppo_epochs if models == 2 else 1
+    return sum(models * passes * len(share) * max(share) for share in per_rank)
 
 
 if __name__ == "__main__":
