@@ -3,7 +3,7 @@ padded and packed, on the data-parallel ranks of a torchrun job. Prints one JSON
 for each way, the largest differences from the fixed padded way in the updated actor and critic
 weights, the step metrics and the gradient norm, and how far the weights moved at all.
 
-    torchrun --nproc_per_node 2 tests/dynamic_batch_check.py [--zero_stage N]
+    torchrun --nproc_per_node 2 tests/dynamic_batch_check.py [--zero_stage N] [MORE FLAGS FOR EVERY WAY]
 
 The ranks hold differently long samples on purpose (rank 0 long prompts and responses, rank 1
 short ones), so the token-budget plan moves samples between ranks and the ranks' micro-batch
@@ -33,6 +33,10 @@ WAYS = {
     "dynamic": ["--use_dynamic_batch", "--train_max_tokens_per_gpu", "150"],
     "dynamic_packed": ["--use_dynamic_batch", "--packing_samples", "--train_max_tokens_per_gpu", "150"],
 }
+
+
+# Flags after the script's own (--zero_stage N) go to every way, e.g. --adam_offload.
+EXTRA_FLAGS = [a for i, a in enumerate(sys.argv[1:]) if a != "--zero_stage" and (i == 0 or sys.argv[i] != "--zero_stage")]
 
 
 def config(extra: list[str], zero_stage: str) -> PPOConfig:
@@ -67,6 +71,7 @@ def config(extra: list[str], zero_stage: str) -> PPOConfig:
             "--zero_stage",
             zero_stage,
             *extra,
+            *EXTRA_FLAGS,
         ],
     )
 
