@@ -9,4 +9,5 @@ python perf/side_by_side.py --bench sft dpo grpo
 python perf/mfu.py
 python perf/rollout_speed.py
 OMP_NUM_THREADS=1 python perf/memory.py
+python perf/token_budget.py
 python -m rlhf.plan --model 70B --gpu A100-80G --num_gpus_per_node 8 --num_nodes 2 --trainer ppo --zero_stage 3 --adam_offload --gradient_checkpointing --vllm_num_engines 4 --vllm_tensor_parallel_size 4 --micro_train_batch_size 1 --micro_rollout_batch_size 2 | tee perf/results/plan_70b_16xA100.txt

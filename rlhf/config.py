@@ -699,6 +699,19 @@ class PPOTrainConfig(TrainConfig):
     """Passes over each rollout batch (OpenRLHF's --max_epochs for PPO; the same as --ppo_epochs)."""
     eval_steps: int = -1
     """Evaluate every N PPO steps (the same as --eval_every); -1 keeps --eval_every."""
+    use_dynamic_batch: bool = False
+    """Cut micro-batches by a token budget instead of a sample count (--train_max_tokens_per_gpu in training,
+    --rollout_max_tokens_per_gpu when scoring), each optimizer step's samples dealt over the data-parallel ranks with balanced
+    token totals; --train_batch_size still counts samples and the update is the fixed split's. Unlike OpenRLHF it does not turn
+    on --packing_samples: unpacked, a micro-batch's tokens are rows x its longest sample."""
+    train_max_tokens_per_gpu: int = 16192
+    """--use_dynamic_batch: most tokens per training micro-batch on one rank (a longer sample gets a micro-batch of its own)."""
+    rollout_max_tokens_per_gpu: Optional[int] = None
+    """--use_dynamic_batch: most tokens per scoring forward (behaviour, reference, critic, reward) on one rank; default --train_max_tokens_per_gpu."""
+    packing_samples: bool = False
+    """Pack each micro-batch's samples into one row (position ids restart per sample, attention kept within it) for the actor,
+    critic and reference forwards, instead of padding them; log-probs, values and updates are the padded ones. Reward models
+    always score padded rows."""
 
 
 @dataclass
@@ -762,6 +775,14 @@ class PPOConfig:
             raise UserError(
                 f"--rollout_batch_size x --n_samples_per_prompt = {per_step} must be a multiple of --train_batch_size "
                 f"{self.train.train_batch_size}"
+            )
+        train = self.train
+        if train.train_max_tokens_per_gpu < 1 or (train.rollout_max_tokens_per_gpu is not None and train.rollout_max_tokens_per_gpu < 1):
+            raise UserError("--train_max_tokens_per_gpu and --rollout_max_tokens_per_gpu must be >= 1")
+        if train.use_dynamic_batch and self.data.pretrain_data:
+            raise UserError(
+                "--use_dynamic_batch with --pretrain_data: PPO-ptx pairs one pre-training micro-batch with each fixed-size "
+                "micro-batch; drop --use_dynamic_batch (or --pretrain_data)"
             )
         if self.placement.separate_rollout and self.model.lora_rank > 0:
             raise UserError(
@@ -1029,10 +1050,6 @@ OPENRLHF_REJECTED: dict[str, dict[str, str]] = {
         "--vanilla_loss": "OpenRLHF 0.2's KTO variant on paired data (z0 from the batch's own log-ratios) is not implemented; rlhf.kto "
         "trains on unpaired rows {prompt, completion, label} with z0 from mismatched pairs (the KTO paper): write each "
         "pair as a desirable and an undesirable row and drop --vanilla_loss",
-    },
-    "PPOConfig": {
-        "--packing_samples": "rlhf.ppo trains on padded micro-batches (packing would only save padding, the updates are the same); drop "
-        "--packing_samples",
     },
 }
 """OpenRLHF flags we do not support: flag -> what to do instead (the error names the flag)."""

@@ -736,6 +736,11 @@ def plan(cfg: PlanConfig) -> Plan:
     pairs = 2 if cfg.trainer in ("rm", "dpo", "kto") else 1  # chosen + rejected (KTO: + its KL batch) in one forward
     batch = cfg.micro_train_batch_size * pairs
     score_batch = cfg.micro_rollout_batch_size if rl else batch
+    train_seq = score_seq = seq
+    if rl and cfg.use_dynamic_batch:
+        # Token-budget micro-batches hold at most the budget's tokens, or one sample longer than it.
+        batch, train_seq = 1, max(cfg.train_max_tokens_per_gpu, seq)
+        score_batch, score_seq = 1, max(cfg.rollout_max_tokens_per_gpu or cfg.train_max_tokens_per_gpu, seq)
     ckpt = cfg.gradient_checkpointing
     # Frozen models' weights in CPU memory: rlhf.ppo's --ref_reward_offload, DPO / KTO's --ref_offload.
     frozen_offload = cfg.ref_reward_offload if rl else getattr(cfg, "ref_offload", False)
@@ -745,7 +750,7 @@ def plan(cfg: PlanConfig) -> Plan:
         n, nn = sizes[role], nodes[role]
         if role == "actor":
             states = _trainable(cfg, shape, n, nn)
-            act = activation_bytes(shape, batch, seq, checkpointing=ckpt, dtype_bytes=w, lm_head=cfg.trainer != "rm")
+            act = activation_bytes(shape, batch, train_seq, checkpointing=ckpt, dtype_bytes=w, lm_head=cfg.trainer != "rm")
             out.append(RoleMemory("policy" if cfg.trainer in ("dpo", "kto") else role, n, states, act))
         elif role == "critic":
             critic_shape = shapes["critic"][0]
@@ -758,7 +763,7 @@ def plan(cfg: PlanConfig) -> Plan:
                 offload_optimizer=cfg.adam_offload,
                 dtype_bytes=w,
             )
-            train = activation_bytes(critic_shape, cfg.micro_train_batch_size, seq, checkpointing=ckpt, dtype_bytes=w, lm_head=False)
+            train = activation_bytes(critic_shape, batch, train_seq, checkpointing=ckpt, dtype_bytes=w, lm_head=False)
             out.append(RoleMemory(role, n, states, train))
         elif role in ("reward", "reference"):
             # Every model of the role sits on its GPUs (rlhf.ppo: all reward models on the reward
@@ -771,7 +776,9 @@ def plan(cfg: PlanConfig) -> Plan:
                 )
                 act = max(
                     act,
-                    activation_bytes(s, score_batch, seq, checkpointing=False, dtype_bytes=w, lm_head=role == "reference", training=False),
+                    activation_bytes(
+                        s, score_batch, score_seq, checkpointing=False, dtype_bytes=w, lm_head=role == "reference", training=False
+                    ),
                 )
             note = f"{len(shapes[role])} reward models" if len(shapes[role]) > 1 else ""
             out.append(RoleMemory(role, n, states, act, note=note))
@@ -915,8 +922,16 @@ SEARCH_COST = {
 
 
 def smaller_batches(cfg: PlanConfig) -> list[PlanConfig]:
-    """The last resort of the search: halve the micro-batches (training, then scoring) down to 1."""
+    """The last resort of the search: halve the micro-batches (training, then scoring) down to 1;
+    with --use_dynamic_batch, the token budgets, down to one sample's length."""
     out = []
+    if cfg.rl and cfg.use_dynamic_batch:
+        seq = cfg.prompt_max_len + cfg.generate_max_len
+        train, score = cfg.train_max_tokens_per_gpu, cfg.rollout_max_tokens_per_gpu or cfg.train_max_tokens_per_gpu
+        while train > seq or score > seq:
+            train, score = max(seq, train // 2), max(seq, score // 2)
+            out.append(replace(cfg, train_max_tokens_per_gpu=train, rollout_max_tokens_per_gpu=score))
+        return out
     train, rollout = cfg.micro_train_batch_size, cfg.micro_rollout_batch_size if cfg.rl else 1
     while train > 1 or rollout > 1:
         train, rollout = max(1, train // 2), max(1, rollout // 2)
@@ -936,6 +951,8 @@ def _flag_diff(old: PlanConfig, new: PlanConfig) -> list[str]:
         "vllm_enable_sleep",
         "micro_train_batch_size",
         "micro_rollout_batch_size",
+        "train_max_tokens_per_gpu",
+        "rollout_max_tokens_per_gpu",
     ]
     names += [f"{p}_num_{what}" for p in PlacementConfig.FLAG_PREFIX.values() for what in ("nodes", "gpus_per_node")]
     for name in names:

@@ -24,7 +24,7 @@ import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 
@@ -213,16 +213,19 @@ class RewardSources:
         return bool(self.num_models or self.text)
 
     @torch.no_grad()
-    def model_scores(self, samples: list[Sample], pad_id: int, micro: int) -> torch.Tensor:
+    def model_scores(self, samples: list[Sample], pad_id: int, micro: Union[int, list[list[int]]]) -> torch.Tensor:
         """Every held reward model's score of each (prompt + response) sample: [B, num_models],
-        standardised with the model's stored statistics under --normalize_reward."""
+        standardised with the model's stored statistics under --normalize_reward. ``micro``: samples
+        per forward, or the forwards' sample indices (token-budget micro-batches; an empty list
+        still runs a forward, so that ZeRO-3 ranks pair up, and counts nothing)."""
+        groups = micro if isinstance(micro, list) else [list(range(s, min(s + micro, len(samples)))) for s in range(0, len(samples), micro)]
         per_model = []
         for model in self.models:
-            scores = []
-            for start in range(0, len(samples), micro):
-                batch = {k: v.to(device()) for k, v in collate_padded(samples[start : start + micro], pad_id).items()}
-                scores.append(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.squeeze(-1).float().cpu())
-            score = torch.cat(scores) if scores else torch.zeros(0)
+            score = torch.zeros(len(samples))
+            for group in groups:
+                batch = {k: v.to(device()) for k, v in collate_padded([samples[i] for i in group or [0]], pad_id).items()}
+                out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.squeeze(-1).float().cpu()
+                score[group] = out[: len(group)]
             config = model.module.config if hasattr(model, "module") else model.config
             per_model.append(normalise_score(score, config) if self.normalize else score)
         return torch.stack(per_model, dim=1) if per_model else torch.zeros(len(samples), 0)

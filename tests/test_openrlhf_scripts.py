@@ -531,7 +531,7 @@ INVENTORY: dict[str, dict[str, str]] = {
                 "use_wandb load_checkpoint input_key apply_chat_template remote_rm_url ref_reward_offload vllm_num_engines "
                 "vllm_tensor_parallel_size colocate_critic_reward colocate_actor_ref "
                 "actor_num_nodes actor_num_gpus_per_node critic_num_nodes critic_num_gpus_per_node reward_num_nodes reward_num_gpus_per_node "
-                "ref_num_nodes ref_num_gpus_per_node"
+                "ref_num_nodes ref_num_gpus_per_node packing_samples"
             ).split(),
             "same",
         ),
@@ -539,7 +539,6 @@ INVENTORY: dict[str, dict[str, str]] = {
         "max_epochs": "implemented",
         "eval_steps": "implemented",
         "actor_init_on_gpu": "always_on",
-        "packing_samples": "rejected",
     },
     "generate": {
         **dict.fromkeys(

@@ -37,6 +37,7 @@ from rlhf.plan import (  # noqa: E402
     parse_plan,
     plan,
     render,
+    smaller_batches,
     suggest,
 )
 
@@ -648,3 +649,28 @@ if __name__ == "__main__" and sys.argv[1:2] == ["measure"]:
     print(json.dumps(measure(config_dir, int(batch), int(seq), ckpt == "1")))
     sys.stdout.flush()
     os._exit(0)  # skip DeepSpeed/gloo teardown (see rlhf.errors.run_program)
+
+
+def test_dynamic_batch_plans_the_token_budget():
+    """--use_dynamic_batch: a training micro-batch holds --train_max_tokens_per_gpu tokens (or one
+    longer sample), a scoring forward --rollout_max_tokens_per_gpu, whatever the micro-batch sizes."""
+    common = dict(model="7B", trainer="ppo", bf16=True, reward_pretrain="7B", prompt_max_len=1024, generate_max_len=1024)
+    fixed = plan(PlanConfig(**common, micro_train_batch_size=4, micro_rollout_batch_size=8))
+    same = plan(
+        PlanConfig(
+            **common,
+            micro_train_batch_size=1,
+            micro_rollout_batch_size=8,  # generation still decodes this many sequences at once
+            use_dynamic_batch=True,
+            train_max_tokens_per_gpu=4 * 2048,
+            rollout_max_tokens_per_gpu=8 * 2048,
+        )
+    )
+    for a, b in zip(fixed.roles, same.roles):
+        assert a.activations == pytest.approx(b.activations), a.role  # 4 x 2048 tokens either way
+    small = plan(PlanConfig(**common, use_dynamic_batch=True, train_max_tokens_per_gpu=1000))
+    one_sample = plan(PlanConfig(**common, micro_train_batch_size=1, micro_rollout_batch_size=1))
+    small_actor, one_actor = (next(r for r in p.roles if r.role == "actor") for p in (small, one_sample))
+    assert small_actor.activations == pytest.approx(one_actor.activations)  # a budget below one sample: that sample
+    found = smaller_batches(PlanConfig(**common, use_dynamic_batch=True))
+    assert [c.train_max_tokens_per_gpu for c in found] == [8096, 4048, 2048] and found[-1].rollout_max_tokens_per_gpu == 2048

@@ -96,6 +96,18 @@ def test_split_placement_equals_colocated(sft_tiny_model, rm_tiny_model, colocat
 
 
 @pytest.mark.slow
+def test_split_placement_with_token_budget_and_packing_equals_colocated(sft_tiny_model, rm_tiny_model, colocated_run, tmp_path):
+    """--use_dynamic_batch --packing_samples on the split placement: the actor's samples move
+    between its 2 ranks (gathered over the actor's process group), the 1-rank critic, reference and
+    reward score by token budgets; the colocated run's fixed micro-batches, padded, give the same
+    run up to float rounding (Adam's first steps can raise it to ~1e-5 in the weights)."""
+    budgets = ["--use_dynamic_batch", "--packing_samples", "--train_max_tokens_per_gpu", "200", "--rollout_max_tokens_per_gpu", "120"]
+    run_trainer("rlhf.ppo", gae_args(sft_tiny_model, rm_tiny_model, tmp_path, "--zero_stage", "2", *SPLIT, *budgets), nproc=4)
+    assert_same_run(colocated_run, tmp_path, tol=1e-4)
+    assert_same_weights(colocated_run, tmp_path, tol=2e-4)
+
+
+@pytest.mark.slow
 def test_split_zero3_resume_equals_uninterrupted(sft_tiny_model, rm_tiny_model, tmp_path):
     """Each role checkpoints on its own group (the critic's ranks exclude global rank 0); a job
     resumed from step 2 ends where the uninterrupted one does."""

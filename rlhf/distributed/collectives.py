@@ -3,7 +3,7 @@ per-rank records gathered back into input order."""
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
@@ -24,6 +24,20 @@ def all_reduce_tensor(tensor: torch.Tensor, group: Optional[dist.ProcessGroup] =
     total = tensor.clone()
     dist.all_reduce(total, group=group)
     return total
+
+
+def all_reduce_max(value: int, group: Optional[dist.ProcessGroup] = None) -> int:
+    """The largest of every rank's ``value`` over the group (all ranks by default)."""
+    top = torch.tensor([value], dtype=torch.int64, device=device())
+    dist.all_reduce(top, op=dist.ReduceOp.MAX, group=group)
+    return int(top.item())
+
+
+def gather_objects(value: Any, group: Optional[dist.ProcessGroup] = None) -> list:
+    """Every rank's ``value`` (picklable; tensors on the CPU), in the group's rank order."""
+    everyone: list = [None] * dist.get_world_size(group)
+    dist.all_gather_object(everyone, value, group=group)
+    return everyone
 
 
 def gather_in_order(records: list[dict], world_size: int) -> list[dict]:

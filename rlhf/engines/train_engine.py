@@ -171,6 +171,15 @@ class TrainEngine:
     def backward(self, loss: torch.Tensor) -> None:
         self.engine.backward(loss)
 
+    def set_accumulation_boundary(self, last: bool) -> None:
+        """Say before a micro-batch's forward whether it is the last of its optimizer step.
+
+        For loops whose number of micro-batches varies from step to step (token-budget micro-
+        batches): DeepSpeed's own counter assumes ``gradient_accumulation_steps`` per step, fixed
+        when the engine is built. The loss scale does not change (``grad_scale`` undoes a constant
+        division, whatever the count); every rank of the engine must run the same count."""
+        self.engine.set_gradient_accumulation_boundary(last)
+
     def step(self) -> None:
         """Optimizer + scheduler step at the accumulation boundary; a no-op in between."""
         if self.cfg.zero_stage == 0 and self.engine.is_gradient_accumulation_boundary():

@@ -25,7 +25,7 @@ from rlhf.data.sft import Sample
 from rlhf.distributed.collectives import all_reduce_sums, all_reduce_tensor
 from rlhf.distributed.env import device
 from rlhf.rewards import RewardSources
-from rlhf.rl.forward import in_micro_batches, padded, per_token_rows, policy_logp, to_batch, token_values
+from rlhf.rl.forward import MicroBatching, padded, per_token_rows, policy_logp, to_batch, token_values
 from rlhf.rl.roles import RoleEngines
 from rlhf.rollout.vllm_engine import VLLMGenerator
 
@@ -100,17 +100,23 @@ class Scorer:
     def score(self, samples: list[Sample], roles: Sequence[str]) -> Scores:
         """Collective. Run each of ``roles`` (reference, critic, reward) on its ranks' share of the
         actor ranks' ``samples``; the results for this actor rank's samples come back."""
-        micro, temperature, r = self.cfg.rollout.micro_rollout_batch_size, self.cfg.rollout.temperature, self.roles
+        cfg, temperature, r = self.cfg, self.cfg.rollout.temperature, self.roles
         shares = r.router.share(samples, roles)
         results: dict[str, list] = {}
         if "reference" in shares:
             results["reference"] = per_token_rows(
-                lambda mb: policy_logp(r.reference, mb, temperature)[0], shares["reference"], self.pad_id, micro
+                lambda mb: policy_logp(r.reference, mb, temperature)[0],
+                shares["reference"],
+                self.pad_id,
+                MicroBatching.for_scoring(cfg, r.group("reference")),
             )
         if "critic" in shares:
-            results["critic"] = per_token_rows(lambda mb: token_values(r.critic, mb), shares["critic"], self.pad_id, micro)
-        if "reward" in shares:
-            results["reward"] = list(self.sources.model_scores(shares["reward"], self.pad_id, micro)) if shares["reward"] else []
+            batching = MicroBatching.for_scoring(cfg, r.group("critic"))
+            results["critic"] = per_token_rows(lambda mb: token_values(r.critic, mb), shares["critic"], self.pad_id, batching)
+        if "reward" in shares:  # scores are read at each row's last token: reward models see padded rows
+            batching = MicroBatching.for_scoring(cfg, r.group("reward"), packable=False)
+            groups = batching.groups([len(s) for s in shares["reward"]])  # collective with a token budget
+            results["reward"] = list(self.sources.model_scores(shares["reward"], self.pad_id, groups)) if shares["reward"] else []
         back = r.router.collect(results, roles)
         return Scores(
             reference_logp=back.get("reference"),
@@ -199,25 +205,20 @@ def make_experience(
         batch = to_batch(samples, pad_id)
         action_mask = batch["loss_mask"][:, 1:].float()  # [B, T-1]
         width = action_mask.size(1)
+        batching = MicroBatching.for_scoring(cfg, roles.group("actor"))
+
+        def actor_logp() -> torch.Tensor:  # [B, T-1]
+            return padded(per_token_rows(lambda mb: policy_logp(actor, mb, cfg.rollout.temperature)[0], samples, pad_id, batching), width)
+
         with torch.no_grad():
             old_logp = None  # from the training forward (behaviour_logp_from_training)
             if not behaviour_logp_from_training(cfg):
-                old_logp = torch.cat(
-                    [
-                        policy_logp(actor, mb, cfg.rollout.temperature)[0]
-                        for _, mb in in_micro_batches(batch, cfg.rollout.micro_rollout_batch_size)
-                    ]
-                )
+                old_logp = actor_logp()
             if scores.reference_logp is not None:
                 ref_logp = padded(scores.reference_logp, width)
             else:  # LoRA: the reference is the base model, i.e. the actor with its adapter off
                 with actor.module.disable_adapter():
-                    ref_logp = torch.cat(
-                        [
-                            policy_logp(actor, mb, cfg.rollout.temperature)[0]
-                            for _, mb in in_micro_batches(batch, cfg.rollout.micro_rollout_batch_size)
-                        ]
-                    )
+                    ref_logp = actor_logp()
         values = padded(scores.values, width) if scores.values is not None else None
         is_weights, engine_logp = None, None
         if rollouts and rollouts[0].engine_logp is not None:  # the engine's own log-probs: how far its numerics are from the actor's

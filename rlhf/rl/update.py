@@ -2,7 +2,11 @@
 
 ``--ppo_epochs`` shuffled passes over each rank's share, cut into optimizer steps of
 ``--train_batch_size`` samples; every loss is normalised by the action tokens of its whole step
-over all ranks, so the update does not depend on how the batch is split into micro-batches.
+over all ranks, so the update does not depend on how the batch is split into micro-batches:
+``--micro_train_batch_size`` samples each, or with ``--use_dynamic_batch`` the step's samples of
+every rank pooled, dealt out again with balanced token totals and cut by
+``--train_max_tokens_per_gpu`` (the same samples, the same update, less padding), padded or
+packed (``--packing_samples``).
 """
 
 from __future__ import annotations
@@ -11,34 +15,57 @@ import random
 from typing import Optional
 
 import torch
+import torch.distributed as dist
 
 from rlhf.algos import ppo as ppo_math
 from rlhf.config import DataConfig, PPOConfig
+from rlhf.data.batching import token_budget_plan
 from rlhf.data.sft import Sample, tokenize_sft
 from rlhf.data.sources import load_mixture
-from rlhf.distributed.collectives import all_reduce_sums
+from rlhf.distributed.collectives import all_reduce_sums, gather_objects
 from rlhf.engines.ema import WeightEMA
 from rlhf.engines.sft_forward import forward_nll
 from rlhf.engines.train_engine import TrainEngine
 from rlhf.errors import UserError
 from rlhf.rl.experience import ActorBatch, CriticBatch
-from rlhf.rl.forward import policy_logp, to_batch, token_values
+from rlhf.rl.forward import collate_rows, policy_logp, sample_rows, to_batch, token_values
 
 
-def ppo_steps(cfg: PPOConfig, action_mask: torch.Tensor, dp: int, group, seed: int):
-    """``--ppo_epochs`` shuffled passes over a rank's share, cut into optimizer steps of
-    ``--train_batch_size`` samples over the role's ``dp`` ranks. Yields per step the row indices
-    of its micro-batches (``--micro_train_batch_size`` each) and the action tokens of the whole
-    step over all ranks: the loss normaliser."""
-    n_local, per_step, micro = action_mask.size(0), cfg.train.train_batch_size // dp, cfg.train.micro_train_batch_size
+def ppo_steps(cfg: PPOConfig, rows: list[dict[str, torch.Tensor]], dp: int, group, seed: int):
+    """``--ppo_epochs`` shuffled passes over a rank's share (``rows``, one dict per sample, see
+    ``sample_rows``), cut into optimizer steps of ``--train_batch_size`` samples over the role's
+    ``dp`` ranks. Yields per step the rows of this rank's micro-batches and the action tokens of
+    the whole step over all ranks: the loss normaliser.
+
+    Fixed: ``--micro_train_batch_size`` of the rank's own rows each. ``--use_dynamic_batch``: the
+    step's rows of all ranks (the very samples of the fixed split) are pooled and re-dealt by
+    ``token_budget_plan``; every rank gets as many samples as before and the same number of
+    micro-batches."""
+    n_local, per_step, micro = len(rows), cfg.train.train_batch_size // dp, cfg.train.micro_train_batch_size
     rng = random.Random(seed)
     for _ in range(cfg.algo.ppo_epochs):
         order = list(range(n_local))
         rng.shuffle(order)
         for start in range(0, n_local, per_step):
-            chosen = order[start : start + per_step]
-            step_tokens = all_reduce_sums({"t": action_mask[chosen].sum().item()}, group)["t"]
-            yield [torch.tensor(chosen[m : m + micro], device=action_mask.device) for m in range(0, len(chosen), micro)], step_tokens
+            chosen = [rows[i] for i in order[start : start + per_step]]
+            step_tokens = all_reduce_sums({"t": sum(r["action_mask"].sum().item() for r in chosen)}, group)["t"]
+            if not cfg.train.use_dynamic_batch:
+                yield [chosen[m : m + micro] for m in range(0, len(chosen), micro)], step_tokens
+                continue
+            pool = chosen
+            if dp > 1:  # whole samples move between ranks, so that each rank's token total is about the same
+                pool = [row for part in gather_objects([{k: v.cpu() for k, v in r.items()} for r in chosen], group) for row in part]
+            plan = token_budget_plan(
+                [r["input_ids"].numel() for r in pool], dp, cfg.train.train_max_tokens_per_gpu, cfg.train.packing_samples
+            )
+            mine = plan[dist.get_rank(group) if dp > 1 else 0]
+            yield [[pool[i] for i in g] for g in mine], step_tokens
+
+
+def experience_rows(batch: dict[str, torch.Tensor], **per_token: Optional[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+    """An experience batch as one dict per sample (``sample_rows``): its ``input_ids`` and the
+    given per-token tensors [B, T-1] (None ones left out), each cut to the sample's length."""
+    return sample_rows({"input_ids": batch["input_ids"], **per_token}, batch["attention_mask"].sum(-1).tolist())
 
 
 class PretrainMix:
@@ -94,32 +121,40 @@ def train_actor(
         ("policy_loss", "clip_fraction", "approx_kl", "entropy", "ptx_loss", "actor_updates", "kl", "rollout_logp_gap"), 0.0
     )
     ptx_number = ptx_first
-    for micro_batches, step_tokens in ppo_steps(cfg, exp.action_mask, actor.dp_size, group, seed):
+    rows = experience_rows(
+        exp.batch,
+        action_mask=exp.action_mask,
+        old_logp=exp.old_logp,
+        ref_logp=exp.ref_logp,
+        advantages=exp.advantages,
+        is_weights=exp.is_weights,
+        engine_logp=exp.engine_logp,
+    )
+    for micro_batches, step_tokens in ppo_steps(cfg, rows, actor.dp_size, group, seed):
         if ptx is not None:
             ptx_batches = [to_batch(ptx.micro_batch(ptx_number + k), pad_id) for k in range(len(micro_batches))]
             ptx_number += len(micro_batches)
             ptx_tokens = all_reduce_sums({"t": sum(b["loss_mask"].sum().item() for b in ptx_batches)}, group)["t"]
-        for j, idx in enumerate(micro_batches):
-            mb, mask = {k: v[idx] for k, v in exp.batch.items()}, exp.action_mask[idx]
+        for j, micro_rows in enumerate(micro_batches):
+            mb = collate_rows(micro_rows, pad_id, cfg.train.packing_samples)
+            mask = mb["action_mask"]
+            actor.set_accumulation_boundary(j == len(micro_batches) - 1)
             # The entropy is a metric, and a loss term only at --entropy_coef != 0 (no graph otherwise).
             logp, token_entropy = policy_logp(
                 actor, mb, cfg.rollout.temperature, with_entropy=True, entropy_grad=bool(cfg.algo.entropy_coef)
             )
-            old_logp, is_weights = exp.old_logp, exp.is_weights
+            old_logp, is_weights = mb.get("old_logp"), mb.get("is_weights")
             if old_logp is None:  # behaviour log-probs = this forward's: the KL and engine statistics are measured here
                 old_logp = logp.detach()
-                sums["kl"] += ppo_math.masked_sum(ppo_math.kl_estimate(old_logp, exp.ref_logp[idx], cfg.algo.kl_estimator), mask).item()
-                if exp.engine_logp is not None:
-                    sums["rollout_logp_gap"] += ((old_logp - exp.engine_logp[idx]).abs() * mask).sum().item()
+                sums["kl"] += ppo_math.masked_sum(ppo_math.kl_estimate(old_logp, mb["ref_logp"], cfg.algo.kl_estimator), mask).item()
+                if "engine_logp" in mb:
+                    sums["rollout_logp_gap"] += ((old_logp - mb["engine_logp"]).abs() * mask).sum().item()
                     if cfg.rollout.vllm_is_truncation is not None:
-                        is_weights = ppo_math.truncated_is_weights(old_logp, exp.engine_logp[idx], cfg.rollout.vllm_is_truncation, mask)
-            else:
-                old_logp = old_logp[idx]
-                is_weights = is_weights[idx] if is_weights is not None else None
+                        is_weights = ppo_math.truncated_is_weights(old_logp, mb["engine_logp"], cfg.rollout.vllm_is_truncation, mask)
             loss, clip_frac, approx_kl = ppo_math.policy_loss(
                 logp,
                 old_logp,
-                exp.advantages[idx],
+                mb["advantages"],
                 mask,
                 lo,
                 hi,
@@ -131,7 +166,7 @@ def train_actor(
             if cfg.algo.entropy_coef:
                 loss = loss - cfg.algo.entropy_coef * entropy
             if cfg.algo.use_kl_loss:
-                kl = ppo_math.kl_estimate(logp, exp.ref_logp[idx], cfg.algo.kl_estimator)
+                kl = ppo_math.kl_estimate(logp, mb["ref_logp"], cfg.algo.kl_estimator)
                 loss = loss + kl_coef * ppo_math.masked_sum(kl, mask) / step_tokens
             sums["policy_loss"] += loss.item()
             if ptx is not None:
@@ -141,26 +176,29 @@ def train_actor(
                 sums["ptx_loss"] += ptx_loss.item()
             actor.backward(loss * actor.grad_scale)
             actor.step()
-            share = mask.sum().item() / step_tokens
-            sums["clip_fraction"] += clip_frac.item() * share
-            sums["approx_kl"] += approx_kl.item() * share
+            sums["clip_fraction"] += clip_frac.item()  # already a share of the step (normalised by its tokens), like the loss
+            sums["approx_kl"] += approx_kl.item()
             sums["entropy"] += entropy.item()
             # Free the micro-batch's graph now: still bound, it would live on through the next
             # micro-batch's forward (with full logits, the step would peak with two [B, T, V]).
-            del logp, loss, entropy, token_entropy
+            del logp, loss, entropy, token_entropy, mb
         sums["actor_updates"] += 1
         if ema is not None:
             ema.update()
     return sums
 
 
-def train_critic(cfg: PPOConfig, exp: CriticBatch, critic: TrainEngine, group, seed: int) -> dict[str, float]:
+def train_critic(cfg: PPOConfig, exp: CriticBatch, critic: TrainEngine, group, seed: int, pad_id: int) -> dict[str, float]:
     """Clipped value regression on this critic rank's share; metric sums."""
     sums = dict.fromkeys(("value_loss", "critic_updates"), 0.0)
-    for micro_batches, step_tokens in ppo_steps(cfg, exp.action_mask, critic.dp_size, group, seed):
-        for idx in micro_batches:
-            mb, mask = {k: v[idx] for k, v in exp.batch.items()}, exp.action_mask[idx]
-            vloss = ppo_math.value_loss(token_values(critic, mb), exp.values[idx], exp.returns[idx], mask, cfg.algo.value_clip, step_tokens)
+    rows = experience_rows(exp.batch, action_mask=exp.action_mask, values=exp.values, returns=exp.returns)
+    for micro_batches, step_tokens in ppo_steps(cfg, rows, critic.dp_size, group, seed):
+        for j, micro_rows in enumerate(micro_batches):
+            mb = collate_rows(micro_rows, pad_id, cfg.train.packing_samples)
+            critic.set_accumulation_boundary(j == len(micro_batches) - 1)
+            vloss = ppo_math.value_loss(
+                token_values(critic, mb), mb["values"], mb["returns"], mb["action_mask"], cfg.algo.value_clip, step_tokens
+            )
             critic.backward(vloss * critic.grad_scale)
             critic.step()
             sums["value_loss"] += vloss.item()
@@ -205,5 +243,5 @@ def train_on_rollout(
         )  # ptx micro-batches a step uses
         sums.update(train_actor(cfg, actor_batch, roles.actor, roles.group("actor"), kl_coef, seed, ptx, step * ptx_per_step, ema, pad_id))
     if critic_batch is not None:
-        sums.update(train_critic(cfg, critic_batch, roles.critic, roles.group("critic"), seed))
+        sums.update(train_critic(cfg, critic_batch, roles.critic, roles.group("critic"), seed, pad_id))
     return sums
