@@ -16,7 +16,6 @@ import sys
 import torch
 import torch.distributed as dist
 
-from rlhf.algos import ppo as ppo_math
 from rlhf.config import PPOConfig, parse_config
 from rlhf.data.sft import Sample
 from rlhf.distributed.collectives import all_reduce_sums
@@ -126,9 +125,7 @@ def main() -> None:
     def score_rows(batching: MicroBatching) -> dict[str, list[torch.Tensor]]:
         return {
             "logp": per_token_rows(lambda mb: policy_logp(actor0, mb, 1.0)[0], samples, pad_id, batching),
-            "entropy": per_token_rows(
-                lambda mb: ppo_math.entropy_from_logits(policy_logp(actor0, mb, 1.0)[1][:, :-1]), samples, pad_id, batching
-            ),
+            "entropy": per_token_rows(lambda mb: policy_logp(actor0, mb, 1.0, with_entropy=True)[1], samples, pad_id, batching),
             "values": per_token_rows(lambda mb: token_values(critic0, mb), samples, pad_id, batching),
         }
 
