@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# Rerun every benchmark and refresh perf/results/ (Markdown tables + PNG charts); ~1 h on 2 CPU cores.
+# Rerun every benchmark and refresh perf/results/ (Markdown tables + PNG charts); ~2 h on 2 CPU cores.
 # Run it on a quiet machine: the figures are medians of alternating rounds, but other load still
 # widens them.   bash perf/run_all.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash perf/setup.sh
 python perf/side_by_side.py --bench sft dpo grpo
+python perf/side_by_side.py --bench grpo --hidden 128 --layers 4 --steps 10 --tag tiny
+python perf/vllm_colocated.py
 python perf/mfu.py
 python perf/rollout_speed.py
 OMP_NUM_THREADS=1 python perf/memory.py

@@ -152,11 +152,11 @@ def worker(args: argparse.Namespace, model_dir: str, out_path: str) -> None:
     counts = {"positions": 0, "real": 0}
 
     def counted(fn):
-        def wrapper(model, batch, *rest):
+        def wrapper(model, batch, *rest, **options):
             ids = batch["input_ids"]
             counts["positions"] += ids.numel()
             counts["real"] += ids.numel() if "position_ids" in batch else int(batch["attention_mask"].sum())
-            return fn(model, batch, *rest)
+            return fn(model, batch, *rest, **options)
 
         return wrapper
 
