@@ -35,7 +35,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import REPO, python_for_trl, run_side, write_report  # noqa: E402
 from ppo_step_memory import build_model, reset_peak, settle, status_kb  # noqa: E402
-from side_by_side import our_order, random_text, write_jsonl  # noqa: E402
+from side_by_side import our_order, random_text, write_dpo_data, write_jsonl  # noqa: E402
 
 MEASURED_STEP = 2  # optimizer step measured: the one after the warm-up step
 
@@ -128,16 +128,7 @@ def bench_sft(args, work: Path, model: str) -> dict:
 
 
 def bench_dpo(args, work: Path, model: str) -> dict:
-    rng = random.Random(1)
-    n = MEASURED_STEP * args.batch
-    prompt_len = args.seq_len // 4
-    completion_len = args.seq_len - prompt_len - 1  # + EOS
-    rows = [
-        {"prompt": random_text(rng, prompt_len), "chosen": random_text(rng, completion_len), "rejected": random_text(rng, completion_len)}
-        for _ in range(n)
-    ]
-    write_jsonl(work / "dpo_ours.jsonl", rows)
-    write_jsonl(work / "dpo_trl.jsonl", [rows[i] for i in our_order(n, args.micro_batch)])
+    write_dpo_data(work, MEASURED_STEP * args.batch, args.seq_len, args.micro_batch)
     ours = [
         *("--pretrain", model, "--dataset", str(work / "dpo_ours.jsonl")),
         *("--prompt_key", "prompt", "--chosen_key", "chosen", "--rejected_key", "rejected"),

@@ -54,6 +54,20 @@ def our_order(n_items: int, micro_batch: int) -> list[int]:
     return [i for mb in plan_epoch([1] * n_items, micro_batch_size=micro_batch, seed=SEED, epoch=0) for i in mb]
 
 
+def write_dpo_data(work: Path, n: int, seq_len: int, micro_batch: int) -> None:
+    """``n`` seeded random preference pairs of ``seq_len`` tokens each (a quarter prompt, the rest
+    response + EOS): dpo_ours.jsonl in file order, dpo_trl.jsonl in the order our trainer visits it."""
+    rng = random.Random(1)
+    prompt_len = seq_len // 4
+    completion_len = seq_len - prompt_len - 1  # + EOS
+    rows = [
+        {"prompt": random_text(rng, prompt_len), "chosen": random_text(rng, completion_len), "rejected": random_text(rng, completion_len)}
+        for _ in range(n)
+    ]
+    write_jsonl(work / "dpo_ours.jsonl", rows)
+    write_jsonl(work / "dpo_trl.jsonl", [rows[i] for i in our_order(n, micro_batch)])
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
@@ -186,16 +200,8 @@ def bench_sft(args, work: Path, model: str, n_params: int) -> dict:
 
 
 def bench_dpo(args, work: Path, model: str, n_params: int) -> dict:
-    rng = random.Random(1)
     n = args.steps * args.batch
-    prompt_len = args.seq_len // 4
-    completion_len = args.seq_len - prompt_len - 1  # + EOS
-    rows = [
-        {"prompt": random_text(rng, prompt_len), "chosen": random_text(rng, completion_len), "rejected": random_text(rng, completion_len)}
-        for _ in range(n)
-    ]
-    write_jsonl(work / "dpo_ours.jsonl", rows)
-    write_jsonl(work / "dpo_trl.jsonl", [rows[i] for i in our_order(n, args.micro_batch)])
+    write_dpo_data(work, n, args.seq_len, args.micro_batch)
 
     def ours(r: int) -> dict:
         cmd = [
@@ -289,7 +295,7 @@ def bench_dpo(args, work: Path, model: str, n_params: int) -> dict:
         args,
         n_params,
         alternate({"rlhf": ours, "TRL": trl}, args.repeats),
-        f"{args.seq_len} tokens per sequence ({prompt_len} prompt), {args.batch} pairs per step ({args.micro_batch} per "
+        f"{args.seq_len} tokens per sequence ({args.seq_len // 4} prompt), {args.batch} pairs per step ({args.micro_batch} per "
         "micro-batch), reference model forward every step, sigmoid loss, beta 0.1",
     )
 
