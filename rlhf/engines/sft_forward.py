@@ -12,9 +12,9 @@ from typing import Optional, Sequence
 
 import torch
 
+from rlhf.algos.losses import sft_nll_sum
 from rlhf.data.sft import Sample, collate_packed, collate_padded
 from rlhf.distributed.env import device
-from rlhf.engines.logprobs import lm_logprobs
 from rlhf.engines.train_engine import TrainEngine
 
 
@@ -28,8 +28,8 @@ def batch_tensors(samples: list[Sample], pad_id: int, packed: bool) -> dict[str,
 def forward_nll(engine: TrainEngine, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Summed NLL of the batch's target tokens, and the MoE router loss if the model has one."""
     loss_mask = batch.pop("loss_mask")
-    out = lm_logprobs(engine, batch)  # no [B, T, V] logits where the model allows it
-    return -(out.logp * loss_mask[:, 1:].to(out.logp.dtype)).sum(), out.aux_loss
+    out = engine(**batch, use_cache=False)
+    return sft_nll_sum(out.logits, batch["input_ids"], loss_mask), getattr(out, "aux_loss", None)
 
 
 def target_tokens(samples: Sequence[Sample]) -> int:
