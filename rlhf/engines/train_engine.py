@@ -154,12 +154,9 @@ class TrainEngine:
         self.dp_size = dp_size
         self.group = mpu.get_data_parallel_group() if mpu is not None else None  # None: the world
         self.accumulation_steps = cfg.grad_accumulation_steps(dp_size)
-        self.zero_stage = effective_zero_stage(
-            cfg.zero_stage, world_size=dist.get_world_size() if dist.is_initialized() else 1, bf16=bf16, adam_offload=cfg.adam_offload
-        )
-        self.ds_config = build_ds_config(
-            cfg, bf16=bf16, dp_size=dp_size, accumulation_steps=self.accumulation_steps, zero_stage=self.zero_stage
-        )
+        world_size = dist.get_world_size() if dist.is_initialized() else 1
+        stage = effective_zero_stage(cfg.zero_stage, world_size=world_size, bf16=bf16, adam_offload=cfg.adam_offload)
+        self.ds_config = build_ds_config(cfg, bf16=bf16, dp_size=dp_size, accumulation_steps=self.accumulation_steps, zero_stage=stage)
         self.zero_stage = self.ds_config["zero_optimization"]["stage"]  # --ds_config has the last word
         optimizer = _make_optimizer(model, cfg)
         scheduler = make_lr_scheduler(
